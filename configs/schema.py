@@ -1,0 +1,237 @@
+"""The config schema: the original LYNX.yaml keys (same names, same defaults) plus a few documented additions.
+
+A config is read once, checked once (unknown keys get the closest known key, wrong types name the key) and
+handed onward as a `LynxConfig`. Nothing below re-reads raw dicts.
+"""
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any
+
+import yaml
+
+from dataset.errors import InputError
+
+# Vision-encoder presets by the original's `vision_encoder` name. `vit:` in a config overrides any of these.
+VIT_PRESETS = {
+    "eva_vit_1b": dict(embed_dim=1408, depth=39, num_heads=16, mlp_ratio=4.3637, patch_size=14),
+}
+DTYPES = ("float32", "bfloat16", "float16")
+VISION_KEYS = ("image", "video", "auto")
+FRAME_SAMPLINGS = ("uniform", "random")
+
+
+@dataclass
+class VitConfig:
+    """Dimensions of the EVA ViT. 39 blocks of the 40 in eva_vit_g.pth are used; there is no final norm."""
+
+    embed_dim: int = 1408
+    depth: int = 39
+    num_heads: int = 16
+    mlp_ratio: float = 4.3637
+    patch_size: int = 14
+
+
+@dataclass
+class DataConfig:
+    """The original's `data:` section plus how video frames are chosen and decoded."""
+
+    num_frames: int = 5
+    # 'uniform': first frame of each of num_frames near-equal segments (deterministic; the original's
+    # training=False rule). 'random': a random frame per segment, as the original's eval dataset did.
+    frame_sampling: str = "uniform"
+    # DataLoader worker processes that read and decode media while the model runs (0 = in the main process).
+    num_workers: int = 4
+
+
+@dataclass
+class LynxConfig:
+    """Every key of the original LYNX.yaml with its default, then the additions (documented in README)."""
+
+    # -- Data
+    image_rdir: str = "./images/"  # read but unused, as in the original: media paths are relative to the cwd
+    test_files: list = field(default_factory=lambda: ["./data/Open_VQA_images.jsonl"])
+    prompt: str = "User: {question}\nBot:"
+    vision_prompt_dict: str = "image"  # record key holding the media: image | video | auto (per record)
+    output_prompt_dict: str = "answer"
+    data: DataConfig = field(default_factory=DataConfig)
+    # -- Model
+    vision_encoder: str = "eva_vit_1b"
+    video_encoding: str = "concate"
+    add_frame_pos: bool = True
+    LLM: str = "vicuna-7b"
+    use_flash_attn: bool = False
+    use_adapter: bool = True
+    adapter_freq: int = 2
+    bridge: str = "resampler"
+    bridge_depth: int = 3
+    num_bridge_tokens: int = 32
+    # -- General
+    use_left_pad: bool = True
+    lower_text: bool = True
+    freeze_vit: bool = True
+    freeze_llm: bool = True
+    image_res: int = 420
+    image_mean: list = field(default_factory=lambda: [0.48145466, 0.4578275, 0.40821073])
+    image_std: list = field(default_factory=lambda: [0.26862954, 0.26130258, 0.27577711])
+    # -- Testing
+    checkpoint: str = "./data/finetune_lynx.pt"
+    # -- Inference
+    max_input_tokens: int = 40
+    batch_size_test: int = 16
+    max_new_tokens: int = 64
+    min_length: int = 2
+    num_beams: int = 5
+    length_penalty: float = -2.0
+    top_p: float = 0.9
+    top_k: int = 3
+    no_repeat_ngram_size: int = 2
+    apply_lemmatizer: bool = False
+    use_nucleus_sampling: bool = True
+    # -- Additions (not in the original)
+    temperature: float = 1.0  # the original always passes 1.0
+    repetition_penalty: float = 1.0  # the original always passes 1.0
+    dtype: str | None = None  # float32 | bfloat16 | float16; None: bfloat16 on CUDA, float32 on CPU
+    vit_checkpoint: str = "./data/eva_vit_g.pth"
+    llm_path: str | None = None  # None: ./data/<LLM>
+    vit: VitConfig | None = None  # overrides the `vision_encoder` preset's dimensions
+
+    # ---- derived values
+    @property
+    def llm_dir(self) -> str:
+        return self.llm_path if self.llm_path is not None else os.path.join("./data", self.LLM)
+
+    @property
+    def vit_dims(self) -> VitConfig:
+        return self.vit if self.vit is not None else VitConfig(**VIT_PRESETS[self.vision_encoder])
+
+    def resolve_dtype(self, device: str) -> str:
+        if self.dtype is not None:
+            return self.dtype
+        return "bfloat16" if str(device).startswith("cuda") else "float32"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+_SECTIONS = {"data": DataConfig, "vit": VitConfig}
+# Keys whose default is None, with the type a value must have.
+_OPTIONAL_TYPES = {"dtype": str, "llm_path": str}
+_CHOICES = {
+    "dtype": DTYPES,
+    "vision_prompt_dict": VISION_KEYS,
+    "vision_encoder": tuple(VIT_PRESETS),
+    "video_encoding": ("concate",),
+    "bridge": ("resampler",),
+}
+
+
+def _closest(name: str, known) -> str:
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.5)
+    return f" (did you mean '{match[0]}'?)" if match else ""
+
+
+def _check_type(key: str, value: Any, expected: type, where: str):
+    if expected is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if expected is int and isinstance(value, bool):
+        raise InputError(f"{where}: '{key}' must be an integer, got {value!r}")
+    if not isinstance(value, expected):
+        raise InputError(f"{where}: '{key}' must be {expected.__name__}, got {value!r}")
+    return value
+
+
+def _build(cls, raw: dict, where: str, prefix: str = ""):
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    values = {}
+    for key, value in raw.items():
+        if key not in known:
+            raise InputError(f"{where}: unknown config key '{prefix}{key}'{_closest(key, known)}")
+        if key in _SECTIONS:
+            if value is None and key == "vit":
+                values[key] = None
+                continue
+            if not isinstance(value, dict):
+                raise InputError(f"{where}: '{prefix}{key}' must be a mapping, got {value!r}")
+            values[key] = _build(_SECTIONS[key], value, where, prefix=f"{key}.")
+            continue
+        default = known[key].default
+        if default is dataclasses.MISSING:
+            default = known[key].default_factory()
+        if value is None and default is None:
+            values[key] = None
+            continue
+        expected = _OPTIONAL_TYPES.get(key, type(default))
+        values[key] = _check_type(prefix + key, value, expected, where)
+    return cls(**values)
+
+
+def _validate(cfg: LynxConfig, where: str) -> LynxConfig:
+    for key, choices in _CHOICES.items():
+        value = getattr(cfg, key)
+        if value is not None and value not in choices:
+            raise InputError(f"{where}: '{key}' must be one of {', '.join(choices)}; got {value!r}")
+    if cfg.data.frame_sampling not in FRAME_SAMPLINGS:
+        raise InputError(f"{where}: 'data.frame_sampling' must be one of {', '.join(FRAME_SAMPLINGS)}; "
+                         f"got {cfg.data.frame_sampling!r}")
+    for key in ("batch_size_test", "max_new_tokens", "num_beams", "max_input_tokens", "adapter_freq",
+                "num_bridge_tokens", "bridge_depth", "image_res"):
+        if getattr(cfg, key) < 1:
+            raise InputError(f"{where}: '{key}' must be at least 1, got {getattr(cfg, key)}")
+    if cfg.data.num_frames < 1:
+        raise InputError(f"{where}: 'data.num_frames' must be at least 1, got {cfg.data.num_frames}")
+    if not cfg.test_files or not all(isinstance(p, str) for p in cfg.test_files):
+        raise InputError(f"{where}: 'test_files' must be a non-empty list of paths")
+    if len(cfg.image_mean) != 3 or len(cfg.image_std) != 3:
+        raise InputError(f"{where}: 'image_mean' and 'image_std' must hold 3 numbers each")
+    if cfg.image_res % cfg.vit_dims.patch_size:
+        raise InputError(f"{where}: 'image_res' {cfg.image_res} is not a multiple of the patch size "
+                         f"{cfg.vit_dims.patch_size}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """'data.num_frames=8' -> (['data', 'num_frames'], 8). The value is read as YAML, so 'true', '[a, b]' work."""
+    if "=" not in text:
+        raise InputError(f"--set {text!r}: expected key=value")
+    key, value = text.split("=", 1)
+    try:
+        parsed = yaml.safe_load(value) if value.strip() else ""
+    except yaml.YAMLError as err:
+        raise InputError(f"--set {text!r}: the value is not valid YAML ({err})") from None
+    return key.strip().split("."), parsed
+
+
+def config_from_dict(raw: dict, where: str = "config") -> LynxConfig:
+    """Check a raw mapping (as read from YAML) and return the typed config."""
+    if not isinstance(raw, dict):
+        raise InputError(f"{where}: expected a mapping of config keys at the top level")
+    return _validate(_build(LynxConfig, raw, where), where)
+
+
+def load_config(path: str, overrides: list[str] = ()) -> LynxConfig:
+    """Read a YAML config and apply `--set key=value` overrides (dotted keys reach into `data:` and `vit:`)."""
+    if not os.path.isfile(path):
+        raise InputError(f"config file not found: {path}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            raw = yaml.safe_load(f) or {}
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f":{mark.line + 1}" if mark is not None else ""
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise InputError(f"{path}{line}: YAML syntax error: {problem}") from None
+    if not isinstance(raw, dict):
+        raise InputError(f"{path}: expected a mapping of config keys at the top level")
+    for text in overrides:
+        keys, value = parse_override(text)
+        target = raw
+        for key in keys[:-1]:
+            if not isinstance(target.get(key), dict):
+                target[key] = {}
+            target = target[key]
+        target[keys[-1]] = value
+    return config_from_dict(raw, where=path)

@@ -1,0 +1,1 @@
+"""Records, media and prompts: everything between a jsonl file and a model batch."""

@@ -1,0 +1,79 @@
+"""Reading test files (jsonl) into records; errors name the file and line."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+
+from dataset.errors import InputError, RecordError
+
+MEDIA_KINDS = ("image", "video")
+
+
+@dataclass(frozen=True)
+class Record:
+    """One line of a test file. `key` identifies it across files (Open-VQA's image and video sets share indices)."""
+
+    fields: dict
+    path: str
+    line: int
+    file_no: int
+
+    @property
+    def index(self):
+        return self.fields["index"]
+
+    @property
+    def key(self) -> tuple:
+        return (self.file_no, self.index)
+
+    def media_kind(self, vision_key: str) -> str:
+        """'image' or 'video': the configured key, or with 'auto' whichever of the two the record holds."""
+        if vision_key != "auto":
+            return vision_key
+        present = [kind for kind in MEDIA_KINDS if kind in self.fields]
+        return present[0] if len(present) == 1 else "image"
+
+    def media(self, vision_key: str):
+        kind = self.media_kind(vision_key)
+        if vision_key == "auto" and all(k in self.fields for k in MEDIA_KINDS):
+            raise RecordError(self.index, "holds both 'image' and 'video'; set vision_prompt_dict to pick one")
+        if kind not in self.fields:
+            wanted = "'image' or 'video'" if vision_key == "auto" else f"'{kind}'"
+            raise RecordError(self.index, f"has no {wanted} field ({self.path}:{self.line})")
+        return self.fields[kind]
+
+
+def read_jsonl(path: str, file_no: int = 0) -> list[Record]:
+    """Records of one jsonl file. Blank lines are skipped; a bad line or a repeated index stops with file:line."""
+    if not os.path.isfile(path):
+        raise InputError(f"test file not found: {path}")
+    records, seen = [], {}
+    with open(path, encoding="utf-8") as f:
+        for line_no, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                fields = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise InputError(f"{path}:{line_no}: not valid JSON: {err.msg} (column {err.colno})") from None
+            if not isinstance(fields, dict):
+                raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(fields).__name__}")
+            if "index" not in fields:
+                raise InputError(f"{path}:{line_no}: record has no 'index'")
+            index = fields["index"]
+            if not isinstance(index, (int, str)) or isinstance(index, bool):
+                raise InputError(f"{path}:{line_no}: 'index' must be an integer or a string, got {index!r}")
+            if index in seen:
+                raise InputError(f"{path}:{line_no}: duplicate index {index!r} (first on line {seen[index]})")
+            seen[index] = line_no
+            records.append(Record(fields, path, line_no, file_no))
+    return records
+
+
+def read_test_files(paths: list[str]) -> list[Record]:
+    """All records of the test files, in file order then line order (the order answers are written in)."""
+    records = []
+    for file_no, path in enumerate(paths):
+        records.extend(read_jsonl(path, file_no))
+    return records

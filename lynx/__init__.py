@@ -1,0 +1,4 @@
+"""Running Lynx: a Python API (`LynxPipeline`) and the loop that answers whole test files."""
+from lynx.pipeline import LynxPipeline
+
+__all__ = ["LynxPipeline"]

@@ -1,0 +1,117 @@
+"""The loop over a whole test set: batches in, answers streamed out, failures recorded, progress shown."""
+from __future__ import annotations
+
+import logging
+import sys
+import time
+
+import torch
+from torch.utils.data import DataLoader
+
+from dataset.batching import Batch, LynxEvalDataset, batches_by_media
+from dataset.errors import RecordError
+from dataset.records import Record
+from lynx.answers import AnswerStore
+from lynx.pipeline import LynxPipeline
+
+log = logging.getLogger("lynx")
+
+
+class StopRun(Exception):
+    """--strict: the first failed record ends the run."""
+
+
+class Progress:
+    """A tqdm bar on a terminal; otherwise a plain log line every `every` seconds."""
+
+    def __init__(self, total: int, done: int, every: float = 30.0):
+        self.total, self.done, self.every = total, done, every
+        self.start = self.last = time.monotonic()
+        self.bar = None
+        if sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=done, unit="rec", dynamic_ncols=True)
+
+    def update(self, n: int) -> None:
+        self.done += n
+        if self.bar is not None:
+            self.bar.update(n)
+            return
+        now = time.monotonic()
+        if now - self.last >= self.every or self.done == self.total:
+            self.last = now
+            rate = (self.done) / max(now - self.start, 1e-9)
+            eta = (self.total - self.done) / rate if rate > 0 else float("inf")
+            log.info("%d/%d records, %.2f rec/s, eta %.0f s", self.done, self.total, rate, eta)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def split_batch(batch: Batch, rows: slice, left_pad: bool) -> Batch:
+    """Rows of a collated batch, re-trimmed so that it equals collating those records alone."""
+    ids, mask = batch.input_ids[rows], batch.attention_mask[rows]
+    keep = mask.any(dim=0)
+    span = keep.nonzero()
+    cols = slice(int(span.min()), int(span.max()) + 1) if left_pad else slice(0, int(span.max()) + 1)
+    return Batch(batch.positions[rows], batch.pixel_values[rows], ids[:, cols], mask[:, cols])
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure) -> list[tuple[int, str]]:
+    """Answers of a batch; on running out of GPU memory, the batch is retried in halves down to one record."""
+    try:
+        return list(zip(batch.positions, pipeline.answer_batch(batch)))
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            on_failure(batch.positions[0], RecordError(None, "out of GPU memory even alone in a batch"))
+            return []
+        half = len(batch) // 2
+        log.warning("out of GPU memory on a batch of %d; retrying in halves", len(batch))
+        left = pipeline.cfg.use_left_pad
+        return (answer_with_retry(pipeline, split_batch(batch, slice(0, half), left), on_failure)
+                + answer_with_retry(pipeline, split_batch(batch, slice(half, None), left), on_failure))
+
+
+def answer_records(pipeline: LynxPipeline, records: list[Record], store: AnswerStore, positions: list[int],
+                   seed: int, strict: bool = False) -> None:
+    """Answer the records at `positions` that the store does not hold yet, streaming each batch to disk."""
+    cfg = pipeline.cfg
+    todo = [p for p in positions if not store.is_done(records[p])]
+    dataset = LynxEvalDataset(records, cfg, pipeline.tokenizer, seed)
+    loader = DataLoader(
+        dataset,
+        batch_sampler=batches_by_media(records, todo, cfg.vision_prompt_dict, cfg.batch_size_test),
+        collate_fn=pipeline.collate,
+        num_workers=cfg.data.num_workers,
+        persistent_workers=False,
+    )
+
+    def on_failure(position: int, error: RecordError) -> None:
+        record = records[position]
+        error.index = record.index
+        store.fail(record, error)
+        log.warning("record %r (%s:%d) skipped: %s", record.index, record.path, record.line, error.reason)
+        if strict:
+            raise StopRun(f"record {record.index!r} ({record.path}:{record.line}): {error.reason}")
+
+    progress = Progress(total=len(positions), done=len(positions) - len(todo))
+    try:
+        for batch in loader:
+            for position, error in batch.failures:
+                on_failure(position, error)
+            if len(batch):
+                answered = answer_with_retry(pipeline, batch, on_failure)
+                store.add([records[p] for p, _ in answered], [text for _, text in answered])
+            progress.update(len(batch) + len(batch.failures))
+    finally:
+        progress.close()

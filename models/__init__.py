@@ -1,0 +1,1 @@
+"""Lynx's parts, one file each: vision encoder, resampler, adapters, the composed model, checkpoint loading."""

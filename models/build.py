@@ -1,0 +1,69 @@
+"""Build Lynx from a config: ViT from eva_vit_g.pth, LLM from its folder, then the Lynx checkpoint on top."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+
+from configs.schema import LynxConfig
+from dataset.errors import InputError
+from dataset.prompt import LynxTokenizer
+from models.checkpoint import WEIGHT_SOURCES, load_lynx_checkpoint, load_vision_weights
+from models.lynx import Lynx, LynxLlamaForCausalLM
+
+log = logging.getLogger("lynx")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def check_weight_files(cfg: LynxConfig) -> None:
+    """Fail before anything heavy is loaded when a weight file is not where the config says."""
+    if not os.path.isfile(cfg.vit_checkpoint):
+        raise InputError(f"weight file not found: {cfg.vit_checkpoint} — get {WEIGHT_SOURCES['vit']}")
+    llm_config = os.path.join(cfg.llm_dir, "config.json")
+    if not os.path.isfile(llm_config):
+        raise InputError(f"LLM folder not found or incomplete: {cfg.llm_dir} (no config.json) — get "
+                         f"{WEIGHT_SOURCES['llm']}")
+    if not os.path.isfile(os.path.join(cfg.llm_dir, "tokenizer.model")):
+        raise InputError(f"tokenizer not found: {os.path.join(cfg.llm_dir, 'tokenizer.model')} — get "
+                         f"{WEIGHT_SOURCES['llm']}")
+    if not os.path.isfile(cfg.checkpoint):
+        raise InputError(f"weight file not found: {cfg.checkpoint} — get {WEIGHT_SOURCES['checkpoint']}")
+
+
+def add_pad_rows(llm: LynxLlamaForCausalLM, vocab_size: int) -> None:
+    """Grow the input and output embeddings to `vocab_size` rows set to the mean of the existing rows ([PAD])."""
+    old = llm.get_input_embeddings().weight.shape[0]
+    if vocab_size == old:
+        return
+    llm.resize_token_embeddings(vocab_size, mean_resizing=False)
+    with torch.no_grad():
+        for weight in (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight):
+            weight[old:] = weight[:old].float().mean(dim=0, keepdim=True).to(weight.dtype)
+
+
+def load_llm(cfg: LynxConfig, dtype: torch.dtype) -> LynxLlamaForCausalLM:
+    try:
+        return LynxLlamaForCausalLM.from_pretrained(cfg.llm_dir, dtype=dtype, attn_implementation="sdpa")
+    except (OSError, ValueError) as err:
+        raise InputError(f"{cfg.llm_dir}: cannot load the LLM ({str(err).splitlines()[0]})") from None
+
+
+def build_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, LynxTokenizer]:
+    """The model in eval mode on `device` in the config's dtype, and its tokenizer. Prints a load report."""
+    check_weight_files(cfg)
+    dtype = DTYPES[cfg.resolve_dtype(device)]
+    tokenizer = LynxTokenizer(os.path.join(cfg.llm_dir, "tokenizer.model"))
+    llm = load_llm(cfg, dtype)
+    add_pad_rows(llm, tokenizer.vocab_size)
+    model = Lynx(cfg, llm)
+    grid = cfg.image_res // cfg.vit_dims.patch_size
+    reports = [load_vision_weights(model.vision_encoder, cfg.vit_checkpoint, grid)]
+    log.info("%s: LLM loaded (%d layers, adapters on %s)", cfg.llm_dir, llm.config.num_hidden_layers,
+             model.adapter_layers)
+    reports.append(load_lynx_checkpoint(model, cfg.checkpoint))
+    for report in reports:
+        log.info("%s", report.summary())
+    model.to(device=device, dtype=dtype).eval()
+    model.requires_grad_(False)
+    return model, tokenizer

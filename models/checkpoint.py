@@ -1,0 +1,153 @@
+"""Reading weight files safely and loading them into Lynx with a report of what was loaded, missing and ignored.
+
+The original loaded its checkpoint non-strictly and cleaned keys with `str.lstrip("model.")`, which strips
+characters, so a DDP (`module.`-prefixed) checkpoint silently loaded nothing. Here prefixes are removed as
+prefixes, every trained part must be present, and shapes must match.
+"""
+from __future__ import annotations
+
+import os
+import pickle
+from dataclasses import dataclass, field
+
+import torch
+
+from dataset.errors import InputError
+from models.vision_encoder import eva_state_dict_for, fuse_split_qkv
+
+# Where each released file comes from, for "file missing" messages.
+WEIGHT_SOURCES = {
+    "vit": "EVA01_g_psz14.pt from https://huggingface.co/QuanSun/EVA-CLIP (save it as data/eva_vit_g.pth)",
+    "llm": "Vicuna-7B v1.1: apply lmsys/vicuna-7b-delta-v1.1 to LLaMA-7B with FastChat's "
+           "`python -m fastchat.model.apply_delta` (a Hugging Face folder, e.g. data/vicuna-7b)",
+    "checkpoint": "https://lf-robot-opensource.bytetos.com/obj/lab-robot-public/lynx_release/finetune_lynx.pt "
+                  "(or pretrain_lynx.pt in the same folder)",
+}
+KEY_PREFIXES = ("module.", "model.")
+PARTS = ("vision encoder", "LLM", "adapters", "bridge", "frame positions")
+
+
+def part_of(key: str) -> str:
+    if key.startswith("vision_encoder."):
+        return "vision encoder"
+    if key.startswith("bridge."):
+        return "bridge"
+    if key.startswith("absolute_frame_pos_embed"):
+        return "frame positions"
+    if ".output_adapter." in key:
+        return "adapters"
+    return "LLM"
+
+
+TRAINED_PARTS = ("adapters", "bridge", "frame positions")
+
+
+def read_state_file(path: str, what: str) -> dict:
+    """Tensors of a .pt/.pth/.bin (loaded with weights_only=True: no pickled code runs) or .safetensors file."""
+    if not os.path.isfile(path):
+        raise InputError(f"weight file not found: {path} — get {WEIGHT_SOURCES[what]}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):
+            raise InputError(f"{path}: cannot read this weight file ({str(err).splitlines()[0]})") from None
+        state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
+    except pickle.UnpicklingError as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported pickled object"
+        raise InputError(
+            f"{path}: refused: loading it would execute pickled code, which is not allowed (weights_only=True): "
+            f"{first}. Re-save the file as a plain dict of tensors or as .safetensors."
+        ) from None
+    except Exception as err:  # truncated or not a torch file at all
+        raise InputError(f"{path}: cannot read this weight file ({type(err).__name__}: {err})") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return state
+
+
+def strip_key_prefix(key: str) -> str:
+    """Remove leading `module.` / `model.` prefixes (DDP and wrapper saves) — as prefixes, not characters."""
+    stripped = True
+    while stripped:
+        stripped = False
+        for prefix in KEY_PREFIXES:
+            if key.startswith(prefix):
+                key, stripped = key[len(prefix):], True
+    return key
+
+
+def clean_lynx_state(state: dict) -> dict:
+    """Unwrap `{'model': ...}`, strip prefixes and bring split ViT q/k/v keys into the model's fused layout."""
+    if "model" in state and isinstance(state["model"], dict):
+        state = state["model"]
+    cleaned = {strip_key_prefix(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    return fuse_split_qkv(cleaned)
+
+
+@dataclass
+class LoadReport:
+    """What one weight file contributed, per part of the model."""
+
+    path: str
+    loaded: dict = field(default_factory=dict)  # part -> count
+    ignored: list = field(default_factory=list)  # keys of the file the model does not have
+
+    def count(self, key: str) -> None:
+        part = part_of(key)
+        self.loaded[part] = self.loaded.get(part, 0) + 1
+
+    def summary(self) -> str:
+        total = sum(self.loaded.values())
+        parts = ", ".join(f"{p} {self.loaded[p]}" for p in PARTS if p in self.loaded)
+        text = f"{self.path}: {total} tensors loaded ({parts or 'none'}), {len(self.ignored)} ignored"
+        if self.ignored:
+            shown = ", ".join(self.ignored[:4]) + (", ..." if len(self.ignored) > 4 else "")
+            text += f" [{shown}]"
+        return text
+
+
+def _copy_into(model: torch.nn.Module, state: dict, path: str, report: LoadReport, prefix: str = "") -> None:
+    """Copy matching tensors into `model`; a shape mismatch is an error naming the file, key and both shapes."""
+    own = model.state_dict()
+    selected = {}
+    for key, value in state.items():
+        target = own.get(key)
+        if target is None:
+            report.ignored.append(key)
+            continue
+        if tuple(target.shape) != tuple(value.shape):
+            raise InputError(f"{path}: '{key}' has shape {tuple(value.shape)} in the file but the model expects "
+                             f"{tuple(target.shape)} — the file does not fit this config")
+        selected[key] = value
+        report.count(prefix + key)
+    model.load_state_dict(selected, strict=False)
+
+
+def load_vision_weights(vision_encoder: torch.nn.Module, path: str, grid: int) -> LoadReport:
+    """Load eva_vit_g.pth: unused blocks and heads are ignored; a key the model needs but the file lacks is an error."""
+    state = read_state_file(path, "vit")
+    selected, unused = eva_state_dict_for(vision_encoder, state, grid)
+    missing = sorted(set(vision_encoder.state_dict()) - set(selected))
+    if missing:
+        raise InputError(f"{path}: missing {len(missing)} vision-encoder tensors the model needs, e.g. '{missing[0]}'")
+    report = LoadReport(path)
+    _copy_into(vision_encoder, selected, path, report, prefix="vision_encoder.")
+    report.ignored.extend(unused)
+    return report
+
+
+def load_lynx_checkpoint(model: torch.nn.Module, path: str) -> LoadReport:
+    """Load a Lynx checkpoint (trained parts only, or the whole model) on top of the ViT and LLM weights."""
+    state = clean_lynx_state(read_state_file(path, "checkpoint"))
+    trained = [k for k in model.state_dict() if part_of(k) in TRAINED_PARTS]
+    missing = [k for k in trained if k not in state]
+    if missing:
+        raise InputError(f"{path}: missing {len(missing)} trained tensors, e.g. '{missing[0]}' "
+                         f"({part_of(missing[0])}) — is this a Lynx checkpoint for this config?")
+    report = LoadReport(path)
+    _copy_into(model, state, path, report)
+    return report
