@@ -1,0 +1,50 @@
+"""Shared helpers: the tiny parity fixture (tests/fixtures/tiny, copied from ../shared/parity) and generate.py runs."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+FIXTURE = ROOT / "tests" / "fixtures" / "tiny"
+sys.path.insert(0, str(ROOT))
+
+
+def fixture_config(**overrides) -> dict:
+    """The fixture's config.yaml with keys replaced (paths in it are relative to FIXTURE)."""
+    cfg = yaml.safe_load((FIXTURE / "config.yaml").read_text())
+    cfg["data"]["num_workers"] = 0
+    cfg.update(overrides)
+    return cfg
+
+
+def fixture_cases() -> list[dict]:
+    return yaml.safe_load((FIXTURE / "cases.yaml").read_text())["cases"]
+
+
+def read_jsonl(path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def run_generate(cfg: dict, tmp_path: Path, *extra: str, output: Path | None = None, cwd: Path = FIXTURE,
+                 timeout: int = 300) -> subprocess.CompletedProcess:
+    """Write `cfg` to a file and run generate.py on it from `cwd` (the fixture root by default) on the CPU."""
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    output = output or tmp_path / "answers.jsonl"
+    cmd = [sys.executable, str(ROOT / "generate.py"), "--config", str(cfg_path), "--output_path", str(output),
+           "--device", "cpu", "--seed", "42", *extra]
+    return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def in_fixture(monkeypatch):
+    """Run a test from the fixture root, where the relative paths of its config and jsonl resolve."""
+    monkeypatch.chdir(FIXTURE)
+    return FIXTURE
