@@ -45,6 +45,15 @@ def run_settings(cfg, device: str, seed: int) -> dict:
     return settings
 
 
+def print_sample(records, store: AnswerStore, count: int = 6) -> None:
+    """Show the first answers on stdout, so a run ends with something to read."""
+    shown = [r for r in records if r.key in store.answers][:count]
+    for record in shown:
+        print(f"{record.index}\t{store.answers[record.key]}")
+    if len(shown) < len(store.answers):
+        print(f"... {len(store.answers) - len(shown)} more in {store.output_path}")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -70,6 +79,7 @@ def main(argv=None) -> int:
         return 130
     unanswered = store.finish(records)
     log.info("wrote %d answers to %s", len(records) - unanswered, args.output_path)
+    print_sample(records, store)
     if unanswered:
         log.warning("%d records could not be answered: see %s (rerun to retry them)", unanswered, store.errors_path)
         return 2

@@ -1,6 +1,8 @@
 """Lynx: EVA ViT -> Perceiver resampler -> LLaMA with adapters; the visual tokens are a prefix of the text."""
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import nn
 from transformers import GenerationConfig, LlamaForCausalLM
@@ -85,4 +87,6 @@ class Lynx(nn.Module):
                  generation_config: GenerationConfig) -> torch.Tensor:
         """Generated token ids (B, T), without the prompt."""
         embeds, mask = self.fuse(self.encode_media(pixel_values), input_ids, attention_mask)
-        return self.LLM.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=generation_config)
+        with warnings.catch_warnings():  # n-gram blocking on generated tokens only is what we want
+            warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
+            return self.LLM.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=generation_config)
