@@ -28,7 +28,8 @@ class LynxLlamaForCausalLM(LlamaForCausalLM):
     """
 
     def prepare_inputs_for_generation(self, input_ids, attention_mask=None, inputs_embeds=None, **kwargs):
-        if attention_mask is not None and attention_mask.ndim == 2 and kwargs.get("position_ids") is None:
+        if attention_mask is not None and attention_mask.ndim == 2:
+            # replaces transformers' own running positions, which continue from a right-padded row's last pad
             kwargs["position_ids"] = positions_from_mask(attention_mask)
         return super().prepare_inputs_for_generation(input_ids, attention_mask=attention_mask,
                                                      inputs_embeds=inputs_embeds, **kwargs)

@@ -1,0 +1,85 @@
+"""Prompt text, token ids, padding and decoding: the original's rules, quirks included."""
+import json
+
+import pytest
+import torch
+
+from conftest import FIXTURE
+from dataset.errors import RecordError
+from dataset.prompt import LynxTokenizer, format_prompt, pad_batch
+
+TEMPLATE = "User: {question}\nBot:"
+
+
+@pytest.fixture(scope="module")
+def tokenizer():
+    return LynxTokenizer(str(FIXTURE / "data" / "vicuna-7b" / "tokenizer.model"))
+
+
+def meta_rows():
+    rows = []
+    for name, data in (("images", "Open_VQA_images_tiny.jsonl"), ("videos", "Open_VQA_videos_tiny.jsonl")):
+        records = {r["index"]: r for r in map(json.loads, open(FIXTURE / "data" / data))}
+        for meta in map(json.loads, open(FIXTURE / "expected" / f"{name}_meta.jsonl")):
+            rows.append((records[meta["index"]], meta))
+    return rows
+
+
+def test_prompt_and_ids_equal_the_original_on_every_fixture_record(tokenizer):
+    for record, meta in meta_rows():
+        text = format_prompt(TEMPLATE, record, lower_text=True)
+        assert text == meta["prompt_text"]
+        assert tokenizer.encode(text, 40) == meta["input_ids"]
+        assert tokenizer.decode(meta["greedy_ids"]) == meta["greedy_text"]
+
+
+def test_lowercasing_covers_the_template_and_unicode():
+    text = format_prompt(TEMPLATE, {"question": "In İstanbul, WHAT?"}, lower_text=True)
+    assert text == "user: in i̇stanbul, what?\nbot:"
+    assert format_prompt(TEMPLATE, {"question": "In İstanbul?"}, lower_text=False).startswith("User: In İ")
+
+
+def test_prompt_is_stripped_before_lowering():
+    assert format_prompt("  {question}  ", {"question": " A "}, lower_text=True) == "a"
+
+
+def test_truncation_keeps_the_last_tokens_and_drops_bos(tokenizer):
+    text = format_prompt(TEMPLATE, {"question": "why " * 60}, lower_text=True)
+    full = [tokenizer.bos_id] + tokenizer.sp.encode(text)
+    ids = tokenizer.encode(text, 40)
+    assert len(full) > 40 and len(ids) == 40
+    assert ids == full[-40:]
+    assert ids[0] != tokenizer.bos_id
+
+
+def test_short_prompt_keeps_bos(tokenizer):
+    ids = tokenizer.encode("user: hi\nbot:", 40)
+    assert ids[0] == tokenizer.bos_id and len(ids) < 40
+
+
+def test_missing_prompt_field_is_a_record_error():
+    with pytest.raises(RecordError, match="'question'"):
+        format_prompt(TEMPLATE, {"image": "x.jpg"}, lower_text=True, index=7)
+
+
+@pytest.mark.parametrize("left", [True, False])
+def test_pad_batch_places_pads_and_mask(left):
+    ids, mask = pad_batch([[5, 6, 7], [8]], pad_id=99, left=left)
+    if left:
+        assert ids.tolist() == [[5, 6, 7], [99, 99, 8]]
+        assert mask.tolist() == [[1, 1, 1], [0, 0, 1]]
+    else:
+        assert ids.tolist() == [[5, 6, 7], [8, 99, 99]]
+        assert mask.tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert ids.dtype == torch.long
+
+
+def test_pad_token_follows_the_sentencepiece_vocabulary(tokenizer):
+    assert tokenizer.pad_id == tokenizer.sp.get_piece_size() == 1000
+    assert tokenizer.vocab_size == 1001
+    assert (tokenizer.bos_id, tokenizer.eos_id, tokenizer.unk_id) == (1, 2, 0)
+
+
+def test_decode_skips_special_tokens_and_strips(tokenizer):
+    word = tokenizer.sp.encode("hello")
+    assert tokenizer.decode([tokenizer.bos_id, *word, tokenizer.pad_id, tokenizer.eos_id]) == "hello"
