@@ -193,16 +193,32 @@ def _validate(cfg: LynxConfig, where: str) -> LynxConfig:
     return cfg
 
 
+def _is_text_key(keys: list[str]) -> bool:
+    """Whether a (dotted) key holds a string, so that its override is taken literally ('Q: {question}')."""
+    cls = LynxConfig
+    for key in keys[:-1]:
+        cls = _SECTIONS.get(key)
+        if cls is None:
+            return False
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    f = fields.get(keys[-1])
+    return f is not None and (_OPTIONAL_TYPES.get(f.name) is str or isinstance(f.default, str))
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
-    """'data.num_frames=8' -> (['data', 'num_frames'], 8). The value is read as YAML, so 'true', '[a, b]' work."""
+    """'data.num_frames=8' -> (['data', 'num_frames'], 8). Values are read as YAML ('true', '[a, b]', '-2.0'),
+    except for text keys such as `prompt`, whose value is taken as written."""
     if "=" not in text:
         raise InputError(f"--set {text!r}: expected key=value")
     key, value = text.split("=", 1)
+    keys = key.strip().split(".")
+    if _is_text_key(keys) and value.strip() not in ("null", "~"):
+        return keys, value
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as err:
         raise InputError(f"--set {text!r}: the value is not valid YAML ({err})") from None
-    return key.strip().split("."), parsed
+    return keys, parsed
 
 
 def config_from_dict(raw: dict, where: str = "config") -> LynxConfig:
