@@ -1,9 +1,11 @@
 """Reading test files (jsonl) into records; errors name the file and line."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
+from functools import cached_property
 
 from dataset.errors import InputError, RecordError
 
@@ -12,7 +14,8 @@ MEDIA_KINDS = ("image", "video")
 
 @dataclass(frozen=True)
 class Record:
-    """One line of a test file. `key` identifies it across files (Open-VQA's image and video sets share indices)."""
+    """One line of a test file. `key` identifies it across files (Open-VQA's image and video sets share indices)
+    and across edits of the file."""
 
     fields: dict
     path: str
@@ -23,9 +26,12 @@ class Record:
     def index(self):
         return self.fields["index"]
 
-    @property
+    @cached_property
     def key(self) -> tuple:
-        return (self.file_no, self.index)
+        """(file number, index, digest of the record's content): a resumed run reuses an answer only for the
+        same record unchanged, so fixing a line of the test file re-answers just that line."""
+        digest = hashlib.sha1(json.dumps(self.fields, sort_keys=True).encode()).hexdigest()[:12]
+        return (self.file_no, self.index, digest)
 
     def media_kind(self, vision_key: str) -> str:
         """'image' or 'video': the configured key, or with 'auto' whichever of the two the record holds."""

@@ -35,6 +35,22 @@ def answer_line(index, text: str) -> str:
     return json.dumps({"index": index, "text_output": text})
 
 
+def read_partial(path: str) -> tuple[dict, dict]:
+    """The header and the answers ({key: text}) of a side file; the header is {} while the file has none yet."""
+    header, answers = {}, {}
+    with open(path, encoding="utf-8") as f:
+        for n, line in enumerate(f):
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue  # a line torn by a crash: that record is answered again
+            if n == 0:
+                header = row if isinstance(row, dict) else {}
+            elif isinstance(row, dict) and "key" in row:
+                answers[tuple(row["key"])] = row["text_output"]
+    return header, answers
+
+
 def _append(path: str, lines: list[str]) -> None:
     if not lines:
         return
@@ -63,15 +79,21 @@ class AnswerStore:
         if os.path.exists(self.output_path) and not resuming and not overwrite:
             raise InputError(f"{self.output_path} already exists; pass --overwrite to replace it")
 
+    def check_resume(self, run_fingerprint: str, overwrite: bool) -> None:
+        """Refuse to resume a partial run made with other settings; cheap, so it can run before the model loads."""
+        if overwrite or not os.path.exists(self.partial_path):
+            return
+        header, _ = self._read_partial()
+        if header.get("fingerprint") != run_fingerprint:
+            raise InputError(
+                f"{self.partial_path} holds answers of a run with other settings (weights, decoding, prompt, "
+                f"dtype or data changed); pass --overwrite to discard them and start again")
+
     def open(self, run_fingerprint: str, overwrite: bool) -> int:
         """Start or resume. Returns how many answers a previous run left. Refuses a resume with other settings."""
         if os.path.exists(self.partial_path) and not overwrite:
-            header, answers = self._read_partial()
-            if header.get("fingerprint") != run_fingerprint:
-                raise InputError(
-                    f"{self.partial_path} holds answers of a run with other settings (weights, decoding, prompt, "
-                    f"dtype or data changed); pass --overwrite to discard them and start again")
-            self.answers = answers
+            self.check_resume(run_fingerprint, overwrite)
+            _, self.answers = self._read_partial()
         else:
             with open(self.partial_path, "w", encoding="utf-8") as f:
                 f.write(json.dumps({"fingerprint": run_fingerprint}) + "\n")
@@ -80,18 +102,7 @@ class AnswerStore:
         return len(self.answers)
 
     def _read_partial(self) -> tuple[dict, dict]:
-        header, answers = {}, {}
-        with open(self.partial_path, encoding="utf-8") as f:
-            for n, line in enumerate(f):
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a line torn by a crash: that record is answered again
-                if n == 0:
-                    header = row
-                elif isinstance(row, dict) and "key" in row:
-                    answers[tuple(row["key"])] = row["text_output"]
-        return header, answers
+        return read_partial(self.partial_path)
 
     # ---- while running
     def is_done(self, record: Record) -> bool:

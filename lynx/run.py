@@ -26,6 +26,7 @@ class Progress:
 
     def __init__(self, total: int, done: int, every: float = 30.0):
         self.total, self.done, self.every = total, done, every
+        self.resumed = done  # answered by an earlier run: not part of this run's rate
         self.start = self.last = time.monotonic()
         self.bar = None
         if sys.stderr.isatty():
@@ -41,7 +42,7 @@ class Progress:
         now = time.monotonic()
         if now - self.last >= self.every or self.done == self.total:
             self.last = now
-            rate = (self.done) / max(now - self.start, 1e-9)
+            rate = (self.done - self.resumed) / max(now - self.start, 1e-9)
             eta = (self.total - self.done) / rate if rate > 0 else float("inf")
             log.info("%d/%d records, %.2f rec/s, eta %.0f s", self.done, self.total, rate, eta)
 
@@ -70,27 +71,31 @@ def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure) -> list[
     except RuntimeError as err:
         if not is_out_of_memory(err):
             raise
-        if torch.cuda.is_available():
-            torch.cuda.empty_cache()
-        if len(batch) == 1:
-            on_failure(batch.positions[0], RecordError(None, "out of GPU memory even alone in a batch"))
-            return []
-        half = len(batch) // 2
-        log.warning("out of GPU memory on a batch of %d; retrying in halves", len(batch))
-        left = pipeline.cfg.use_left_pad
-        return (answer_with_retry(pipeline, split_batch(batch, slice(0, half), left), on_failure)
-                + answer_with_retry(pipeline, split_batch(batch, slice(half, None), left), on_failure))
+    # Retried outside the except block: the error's traceback holds the failed attempt's tensors until it ends.
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    if len(batch) == 1:
+        on_failure(batch.positions[0], RecordError(None, "out of GPU memory even alone in a batch"))
+        return []
+    half = len(batch) // 2
+    log.warning("out of GPU memory on a batch of %d; retrying in halves", len(batch))
+    left = pipeline.cfg.use_left_pad
+    return (answer_with_retry(pipeline, split_batch(batch, slice(0, half), left), on_failure)
+            + answer_with_retry(pipeline, split_batch(batch, slice(half, None), left), on_failure))
 
 
 def answer_records(pipeline: LynxPipeline, records: list[Record], store: AnswerStore, positions: list[int],
-                   seed: int, strict: bool = False) -> None:
-    """Answer the records at `positions` that the store does not hold yet, streaming each batch to disk."""
+                   seed: int, strict: bool = False, batches: list[list[int]] | None = None) -> None:
+    """Answer the records at `positions` that the store does not hold yet, streaming each batch to disk.
+    `batches` groups them otherwise than consecutively by media kind (one process's share of a larger run)."""
     cfg = pipeline.cfg
     todo = [p for p in positions if not store.is_done(records[p])]
+    if batches is None:
+        batches = batches_by_media(records, todo, cfg.vision_prompt_dict, cfg.batch_size_test)
     dataset = LynxEvalDataset(records, cfg, pipeline.tokenizer, seed)
     loader = DataLoader(
         dataset,
-        batch_sampler=batches_by_media(records, todo, cfg.vision_prompt_dict, cfg.batch_size_test),
+        batch_sampler=batches,
         collate_fn=pipeline.collate,
         num_workers=cfg.data.num_workers,
         persistent_workers=False,
@@ -100,9 +105,10 @@ def answer_records(pipeline: LynxPipeline, records: list[Record], store: AnswerS
         record = records[position]
         error.index = record.index
         store.fail(record, error)
-        log.warning("record %r (%s:%d) skipped: %s", record.index, record.path, record.line, error.reason)
+        reason = f"{error.reason}: {error.path}" if error.path else error.reason
+        log.warning("record %r (%s:%d) skipped: %s", record.index, record.path, record.line, reason)
         if strict:
-            raise StopRun(f"record {record.index!r} ({record.path}:{record.line}): {error.reason}")
+            raise StopRun(f"record {record.index!r} ({record.path}:{record.line}): {reason}")
 
     progress = Progress(total=len(positions), done=len(positions) - len(todo))
     try:

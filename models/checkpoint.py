@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -46,27 +47,44 @@ def read_state_file(path: str, what: str) -> dict:
     """Tensors of a .pt/.pth/.bin (loaded with weights_only=True: no pickled code runs) or .safetensors file."""
     if not os.path.isfile(path):
         raise InputError(f"weight file not found: {path} — get {WEIGHT_SOURCES[what]}")
+    try:
+        state = _load_tensors(path)
+    except pickle.UnpicklingError as err:
+        found = re.search(r"GLOBAL (\S+)", str(err))
+        if found is None:  # not a pickle of tensors at all (torch words this as a weights_only failure too)
+            raise InputError(f"{path}: cannot read this weight file ({_unpickler_detail(err)})") from None
+        raise InputError(
+            f"{path}: refused: it holds the Python object {found.group(1)}, and loading that would execute pickled "
+            f"code, which is not allowed (weights_only=True). Re-save the file as a plain dict of tensors or as "
+            f".safetensors."
+        ) from None
+    except Exception as err:  # truncated or not a weight file at all
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise InputError(f"{path}: cannot read this weight file ({type(err).__name__}: {first})") from None
+    if not isinstance(state, dict):
+        raise InputError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
+    return state
+
+
+def _load_tensors(path: str):
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
         return load_file(path)
     try:
-        state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
     except RuntimeError as err:
         if "mmap" not in str(err):
-            raise InputError(f"{path}: cannot read this weight file ({str(err).splitlines()[0]})") from None
-        state = torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) format
-    except pickle.UnpicklingError as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else "unsupported pickled object"
-        raise InputError(
-            f"{path}: refused: loading it would execute pickled code, which is not allowed (weights_only=True): "
-            f"{first}. Re-save the file as a plain dict of tensors or as .safetensors."
-        ) from None
-    except Exception as err:  # truncated or not a torch file at all
-        raise InputError(f"{path}: cannot read this weight file ({type(err).__name__}: {err})") from None
-    if not isinstance(state, dict):
-        raise InputError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-    return state
+            raise
+    return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files cannot be mmapped
+
+
+def _unpickler_detail(err: Exception) -> str:
+    """The one informative line of torch's long weights_only message (e.g. 'Unsupported operand 110')."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
+                                                              "Check the documentation"))]
+    return useful[-1] if useful else (lines[0] if lines else type(err).__name__)
 
 
 def strip_key_prefix(key: str) -> str:

@@ -1,0 +1,237 @@
+"""Several processes (torchrun, gloo on the CPU): the same file as a single run, for images and videos; one process
+failing or killed ends the other within 30 s; a rerun, with any number of processes, completes the file.
+
+The multi-process runs are real torchrun launches; the single-process references and one rerun call generate.main
+in-process with the same arguments (the same command, without paying for the imports again).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import psutil
+import pytest
+import yaml
+
+import generate
+from configs.schema import load_config
+from dataset.errors import InputError
+from dataset.records import read_test_files
+from lynx.answers import AnswerStore
+from lynx.distributed import Ranks
+from tests.conftest import FIXTURE, ROOT, fixture_config, read_jsonl
+
+MEDIA = {
+    "images": {},
+    "videos": {"test_files": ["./data/Open_VQA_videos_tiny.jsonl"], "vision_prompt_dict": "video"},
+}
+SHARES = {"images": (6, 4), "videos": (3, 3)}  # records per rank: batches of 3, dealt in turn
+RANK_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def arguments(folder, cfg: dict, *extra: str) -> list[str]:
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return ["--config", str(folder / "config.yaml"), "--output_path", str(folder / "answers.jsonl"),
+            "--device", "cpu", "--seed", "42", *extra]
+
+
+def torchrun(args: list[str], log_path) -> subprocess.Popen:
+    """`torchrun --standalone --nproc_per_node 2 generate.py ...` from the fixture root, output in `log_path`."""
+    env = {k: v for k, v in os.environ.items() if k not in RANK_VARIABLES}
+    with open(log_path, "w") as log:
+        return subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node",
+                                 "2", str(ROOT / "generate.py"), *args], cwd=FIXTURE, env=env, stdout=log,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def stop(proc: subprocess.Popen) -> None:
+    """End a launch that is still running (torchrun and its workers: the session it leads)."""
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def finish(proc: subprocess.Popen, timeout: float) -> int:
+    try:
+        return proc.wait(timeout=timeout)
+    finally:
+        stop(proc)
+
+
+def workers(proc: subprocess.Popen) -> dict[int, psutil.Process]:
+    """torchrun's generate.py processes by rank."""
+    found = {}
+    for child in psutil.Process(proc.pid).children(recursive=True):
+        try:
+            rank = child.environ().get("RANK")
+        except psutil.Error:
+            continue
+        if rank is not None and "generate.py" in " ".join(child.cmdline()):
+            found[int(rank)] = child
+    return found
+
+
+def gone(process: psutil.Process) -> bool:
+    try:
+        return not process.is_running() or process.status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+def answered(path) -> int:
+    """Complete answer lines in a side file (not the header)."""
+    if not path.exists():
+        return 0
+    return sum(line.startswith('{"key"') and line.endswith("}") for line in path.read_text().splitlines())
+
+
+def side_files(folder) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith("answers.jsonl."))
+
+
+@pytest.fixture(autouse=True)
+def single_process_env(monkeypatch):
+    for name in RANK_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> dict[str, bytes]:
+    """The single-process file for the images and for the videos."""
+    files = {}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(FIXTURE)
+        for name, overrides in MEDIA.items():
+            folder = tmp_path_factory.mktemp(f"single_{name}")
+            assert generate.main(arguments(folder, fixture_config(**overrides))) == 0
+            files[name] = (folder / "answers.jsonl").read_bytes()
+    return files
+
+
+@pytest.mark.parametrize("media", MEDIA)
+def test_two_processes_write_the_single_process_file(tmp_path, reference, media):
+    proc = torchrun(arguments(tmp_path, fixture_config(**MEDIA[media])), tmp_path / "log.txt")
+    status = finish(proc, timeout=240)
+    log = (tmp_path / "log.txt").read_text()
+    assert status == 0, log
+    assert (tmp_path / "answers.jsonl").read_bytes() == reference[media]
+    assert side_files(tmp_path) == []
+    for rank, share in enumerate(SHARES[media]):
+        assert f"rank {rank}: {share}/{share} records" in log, log
+
+
+def records_with(tmp_path, position: int, image) -> str:
+    """The fixture's image records with the one at `position` reading `image` (an absolute path)."""
+    rows = read_jsonl(FIXTURE / "data" / "Open_VQA_images_tiny.jsonl")
+    rows[position]["image"] = str(image)
+    path = tmp_path / "records.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+def wait_for(condition, proc, log_path, seconds: float = 180) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert proc.poll() is None, log_path.read_text()
+        assert time.monotonic() < deadline, log_path.read_text()
+        time.sleep(0.05)
+
+
+# The 10 image records in batches of 3 are [0 1 2] [3 4 5] [6 7 8] [9]; rank 0 answers the 1st and 3rd, rank 1 the
+# 2nd and 4th, so position 3 is the first record rank 1 loads.
+RANK1_FIRST = 3
+RANK1_IMAGE = FIXTURE / "images" / "img_d.png"
+
+
+def test_a_failing_process_ends_both_and_the_same_command_completes(tmp_path, reference):
+    late = tmp_path / "late" / "img_d.png"  # not there yet: rank 1 fails with --strict
+    cfg = fixture_config(test_files=[records_with(tmp_path, RANK1_FIRST, late)])
+    args = arguments(tmp_path, cfg, "--strict")
+    log_path = tmp_path / "log.txt"
+    proc = torchrun(args, log_path)
+    try:
+        wait_for(lambda: len(workers(proc)) == 2, proc, log_path)
+        ranks = workers(proc)
+        wait_for(lambda: (tmp_path / "answers.jsonl.rank1.errors.jsonl").exists(), proc, log_path)
+        failed_at = time.monotonic()
+        status = finish(proc, timeout=30)
+    finally:
+        stop(proc)
+    assert time.monotonic() - failed_at < 30
+    assert all(gone(process) for process in ranks.values())
+    assert status != 0
+    log = log_path.read_text()
+    assert "error: rank 1: record 5 (" in log and "image file not found" in log
+    assert not (tmp_path / "answers.jsonl").exists()
+
+    late.parent.mkdir()
+    shutil.copy(RANK1_IMAGE, late)
+    assert finish(torchrun(args, log_path), timeout=240) == 0, log_path.read_text()
+    assert (tmp_path / "answers.jsonl").read_bytes() == reference["images"]
+    assert side_files(tmp_path) == []
+
+
+def test_a_killed_process_ends_the_other_and_one_process_completes(tmp_path, reference, caplog, monkeypatch):
+    stuck = tmp_path / "stuck.png"
+    os.mkfifo(stuck)  # opening it blocks: rank 1 waits on its first record until it is killed
+    args = arguments(tmp_path, fixture_config(test_files=[records_with(tmp_path, RANK1_FIRST, stuck)]))
+    log_path = tmp_path / "log.txt"
+    proc = torchrun(args, log_path)
+    try:
+        wait_for(lambda: answered(tmp_path / "answers.jsonl.rank0.partial.jsonl") == 6, proc, log_path)
+        ranks = workers(proc)
+        ranks[1].send_signal(signal.SIGKILL)
+        killed_at = time.monotonic()
+        status = finish(proc, timeout=30)
+    finally:
+        stop(proc)
+    assert time.monotonic() - killed_at < 30
+    assert gone(ranks[0])
+    assert status != 0
+    assert not (tmp_path / "answers.jsonl").exists()
+
+    # One process takes over both parts: only rank 1's records are answered again.
+    stuck.unlink()
+    shutil.copy(RANK1_IMAGE, stuck)
+    monkeypatch.chdir(FIXTURE)
+    caplog.set_level(logging.INFO, logger="lynx")
+    assert generate.main(args) == 0
+    assert "resuming: 6 of 10 records already answered" in caplog.text
+    assert (tmp_path / "answers.jsonl").read_bytes() == reference["images"]
+    assert side_files(tmp_path) == []
+
+
+# ---------------------------------------------------------------- without processes
+
+
+def test_shares_are_the_single_run_batches_dealt_in_turn(in_fixture):
+    cfg = load_config("config.yaml", ["batch_size_test=2"])
+    records = read_test_files(cfg.test_files)
+    single = Ranks()
+    single.done = {records[1].key, records[4].key}
+    whole = single.share(records, cfg)
+    assert whole == [[0, 2], [3, 5], [6, 7], [8, 9]]
+    shares = []
+    for rank in range(3):
+        ranks = Ranks(rank, 3)
+        ranks.done = single.done
+        shares.append(ranks.share(records, cfg))
+    assert shares == [[[0, 2], [8, 9]], [[3, 5]], [[6, 7]]]
+
+
+def test_side_files_of_other_settings_are_refused_and_new_ones_waited_for(tmp_path):
+    output = str(tmp_path / "answers.jsonl")
+    (tmp_path / "answers.jsonl.rank3.partial.jsonl").write_text("")  # its process is creating it right now
+    ranks = Ranks(0, 2)
+    store = AnswerStore(output, ranks.suffix)
+    ranks.check_resume(store, "abc", overwrite=False)
+    (tmp_path / "answers.jsonl.rank3.partial.jsonl").write_text('{"fingerprint": "old"}\n')
+    with pytest.raises(InputError, match=r"rank3\.partial\.jsonl holds answers of a run with other settings"):
+        ranks.check_resume(store, "abc", overwrite=False)
+    ranks.check_resume(store, "abc", overwrite=True)

@@ -1,0 +1,148 @@
+"""A run killed part-way (SIGKILL, or Ctrl-C as SIGINT) and started again ends with the same bytes as a run that was
+never interrupted: answers already on disk are kept, the rest are answered, the side file is removed.
+
+The interrupted run is a real generate.py process; the reference and the rerun call generate.main in-process with
+the same arguments (the same command, without paying for the imports again). Decoding is greedy and batches hold one
+record, so an answer does not depend on which run produced it.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+import generate
+from tests.conftest import FIXTURE, ROOT, fixture_config, read_jsonl
+
+TEST_FILE = "./data/Open_VQA_images_tiny.jsonl"
+RECORDS = 10
+
+
+def answered(partial) -> int:
+    """Complete answer lines in a side file (the header and a line torn by a kill do not count)."""
+    if not partial.exists():
+        return 0
+    count = 0
+    for line in partial.read_text().splitlines():
+        try:
+            count += "key" in json.loads(line)
+        except json.JSONDecodeError:
+            pass
+    return count
+
+
+def arguments(folder) -> list[str]:
+    return ["--config", str(folder / "config.yaml"), "--output_path", str(folder / "answers.jsonl"),
+            "--device", "cpu", "--seed", "42"]
+
+
+def prepare(folder) -> list[str]:
+    cfg = fixture_config(test_files=[TEST_FILE], batch_size_test=1, max_new_tokens=24)
+    (folder / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
+    return arguments(folder)
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> bytes:
+    """The output of a run that was never interrupted."""
+    folder = tmp_path_factory.mktemp("reference")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(FIXTURE)
+        assert generate.main(prepare(folder)) == 0
+    output = (folder / "answers.jsonl").read_bytes()
+    assert len(output.splitlines()) == RECORDS == len(read_jsonl(FIXTURE / TEST_FILE))
+    return output
+
+
+@pytest.mark.parametrize("sig", [signal.SIGKILL, signal.SIGINT], ids=["SIGKILL", "SIGINT"])
+def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, in_fixture, monkeypatch, caplog, reference, sig):
+    args = prepare(tmp_path)
+    output = tmp_path / "answers.jsonl"
+    partial = tmp_path / "answers.jsonl.partial.jsonl"
+    with open(tmp_path / "stdout.txt", "w") as out, open(tmp_path / "stderr.txt", "w") as err:
+        proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), *args], cwd=FIXTURE, stdout=out,
+                                stderr=err)
+        try:
+            deadline = time.monotonic() + 120
+            while answered(partial) < 1:
+                assert proc.poll() is None, (tmp_path / "stderr.txt").read_text()
+                assert time.monotonic() < deadline, "no answer on disk after 120 s"
+                time.sleep(0.01)
+            proc.send_signal(sig)
+            status = proc.wait(timeout=60)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+    stderr = (tmp_path / "stderr.txt").read_text()
+
+    if sig == signal.SIGKILL:
+        assert status == -signal.SIGKILL
+    else:  # Ctrl-C: a clean stop that says where the answers are
+        assert status == 130, stderr
+        assert "Traceback" not in stderr
+        assert f"interrupted: finished answers are kept in {partial}; run the same command again" in stderr
+    kept = answered(partial)
+    assert 1 <= kept < RECORDS, "the run ended before it was interrupted: use more records"
+    assert not output.exists()
+
+    asked = []
+    real_answer_batch = generate.LynxPipeline.answer_batch
+    monkeypatch.setattr(generate.LynxPipeline, "answer_batch",
+                        lambda self, batch: asked.extend(batch.positions) or real_answer_batch(self, batch))
+    caplog.set_level(logging.INFO, logger="lynx")
+    assert generate.main(args) == 0
+    assert f"resuming: {kept} of {RECORDS} records already answered" in caplog.text
+    assert sorted(asked) == list(range(kept, RECORDS))  # only what the interrupted run had not written
+    assert output.read_bytes() == reference
+    assert not partial.exists()
+
+
+
+def test_an_edited_record_is_answered_again_and_the_others_are_kept(tmp_path, monkeypatch):
+    """Answers are tied to their record's content: after fixing two lines of the test file, the same command
+    answers just those two."""
+    import json
+
+    import yaml
+
+    import generate
+    from conftest import FIXTURE, fixture_config, read_jsonl
+
+    monkeypatch.chdir(FIXTURE)
+    records = read_jsonl(FIXTURE / "data" / "Open_VQA_images_tiny.jsonl")[:4]
+    records[3]["image"] = "images/missing.jpg"
+    test_file = tmp_path / "t.jsonl"
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg_path = tmp_path / "c.yaml"
+    cfg_path.write_text(yaml.safe_dump(fixture_config(test_files=[str(test_file)], batch_size_test=1)))
+    output = tmp_path / "out.jsonl"
+    args = ["--config", str(cfg_path), "--output_path", str(output), "--device", "cpu", "--seed", "42"]
+    assert generate.main(args) == 2  # one image missing: the side file keeps the three answers
+    records[3]["image"] = "images/img_d.png"
+    records[0]["question"] = "What is it?"
+    test_file.write_text("".join(json.dumps(r) + "\n" for r in records))
+
+    answered = []
+    original_add = generate.AnswerStore.add
+
+    def spy(self, recs, texts):
+        answered.extend(r.index for r in recs)
+        return original_add(self, recs, texts)
+
+    monkeypatch.setattr(generate.AnswerStore, "add", spy)
+    assert generate.main(args) == 0
+    assert sorted(answered) == sorted([records[0]["index"], records[3]["index"]])
+    final = read_jsonl(output)
+    assert [a["index"] for a in final] == [r["index"] for r in records]
+    fresh = tmp_path / "fresh.jsonl"
+    monkeypatch.setattr(generate.AnswerStore, "add", original_add)
+    assert generate.main(["--config", str(cfg_path), "--output_path", str(fresh), "--device", "cpu",
+                          "--seed", "42"]) == 0
+    assert output.read_bytes() == fresh.read_bytes()

@@ -1,0 +1,456 @@
+"""What a run does with bad input: one line and exit 1 for run-level problems, the errors file and exit 2 for bad
+records, halving on out-of-memory, progress reporting, and the refusal of pickled code in checkpoints.
+
+Each row of the table in README's "When something goes wrong" has a test here. Runs go through generate.main
+in-process (the exit status it returns is the one the command line gets), from the fixture root.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import sys
+from types import SimpleNamespace
+
+import pytest
+import torch
+import yaml
+
+import generate
+from dataset.batching import Collator
+from lynx.answers import AnswerStore
+from lynx.run import Progress, answer_with_retry
+from tests.conftest import FIXTURE, fixture_config, read_jsonl
+
+IMAGES_JSONL = FIXTURE / "data" / "Open_VQA_images_tiny.jsonl"
+
+
+def run_main(cfg: dict, tmp_path, *extra: str, output=None) -> int:
+    """generate.py's main on `cfg` (written to tmp_path/config.yaml); returns the exit status."""
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    output = output or tmp_path / "answers.jsonl"
+    return generate.main(["--config", str(cfg_path), "--output_path", str(output), "--device", "cpu",
+                          "--seed", "42", *extra])
+
+
+def write_jsonl(path, rows) -> str:
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    return str(path)
+
+
+@pytest.fixture
+def no_model(monkeypatch):
+    """Fail the test if the model starts loading: these errors must be found before that."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(generate.LynxPipeline, "from_config", refuse)
+
+
+def one_line_error(capsys) -> str:
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+# ---------------------------------------------------------------- run-level problems: exit 1, one line, no traceback
+
+
+def test_config_file_missing(tmp_path, in_fixture, no_model, capsys):
+    missing = tmp_path / "nope.yaml"
+    assert generate.main(["--config", str(missing), "--output_path", str(tmp_path / "out.jsonl")]) == 1
+    assert one_line_error(capsys) == f"error: config file not found: {missing}"
+
+
+def test_yaml_syntax_error_names_the_line(tmp_path, in_fixture, no_model, capsys):
+    cfg_path = tmp_path / "broken.yaml"
+    cfg_path.write_text("num_beams: 1\nmax_new_tokens: 24\ntop_k: top_p: 3\nmin_length: 2\n")
+    assert generate.main(["--config", str(cfg_path), "--output_path", str(tmp_path / "out.jsonl")]) == 1
+    assert one_line_error(capsys) == f"error: {cfg_path}:3: YAML syntax error: mapping values are not allowed here"
+
+
+@pytest.mark.parametrize("key, closest", [("num_beam", "num_beams"), ("batch_size", "batch_size_test")])
+def test_unknown_config_key_names_the_closest(tmp_path, in_fixture, no_model, capsys, key, closest):
+    assert run_main(fixture_config(**{key: 3}), tmp_path) == 1
+    message = one_line_error(capsys)
+    assert f"unknown config key '{key}' (did you mean '{closest}'?)" in message
+    assert str(tmp_path / "config.yaml") in message
+
+
+def test_unknown_key_in_set_override(tmp_path, in_fixture, no_model, capsys):
+    assert run_main(fixture_config(), tmp_path, "--set", "data.num_frame=8") == 1
+    assert "unknown config key 'data.num_frame' (did you mean 'num_frames'?)" in one_line_error(capsys)
+
+
+@pytest.mark.parametrize("key, value, expected", [
+    ("checkpoint", "./data/nope_lynx.pt",
+     "weight file not found: ./data/nope_lynx.pt — get https://lf-robot-opensource.bytetos.com/"),
+    ("vit_checkpoint", "./data/nope_vit.pth",
+     "weight file not found: ./data/nope_vit.pth — get EVA01_g_psz14.pt from https://huggingface.co/QuanSun/"),
+    ("llm_path", "./data/nope-7b",
+     "LLM folder not found or incomplete: ./data/nope-7b (no config.json) — get Vicuna"),
+])
+def test_missing_weight_file_names_it_and_its_source(tmp_path, in_fixture, no_model, capsys, key, value, expected):
+    assert run_main(fixture_config(**{key: value}), tmp_path) == 1
+    assert expected in one_line_error(capsys)
+    assert not (tmp_path / "answers.jsonl.partial.jsonl").exists()
+
+
+def test_checkpoint_with_wrong_shape_names_file_key_and_shapes(tmp_path, in_fixture, capsys):
+    state = torch.load(FIXTURE / "data" / "finetune_lynx.pt", weights_only=True)
+    state["model"]["bridge.latents"] = torch.zeros(16, 64)
+    bad = tmp_path / "finetune_other.pt"
+    torch.save(state, bad)
+    assert run_main(fixture_config(checkpoint=str(bad)), tmp_path) == 1
+    assert one_line_error(capsys) == (
+        f"error: {bad}: 'bridge.latents' has shape (16, 64) in the file but the model expects (32, 64) — "
+        f"the file does not fit this config")
+
+
+class Extra:
+    """Anything that is not a tensor: unpickling it means importing and running this module's code."""
+
+
+def test_checkpoint_that_needs_pickled_code_is_refused(tmp_path, in_fixture, capsys):
+    state = torch.load(FIXTURE / "data" / "finetune_lynx.pt", weights_only=True)
+    pickled = tmp_path / "pickled_lynx.pt"
+    torch.save({"model": state["model"], "extra": Extra()}, pickled)
+    assert run_main(fixture_config(checkpoint=str(pickled)), tmp_path) == 1
+    message = one_line_error(capsys)
+    assert message.startswith(f"error: {pickled}: refused: it holds the Python object {__name__}.Extra")
+    assert "would execute pickled code" in message and "weights_only=True" in message
+
+
+def test_unreadable_checkpoint_is_one_line(tmp_path, in_fixture, capsys):
+    broken = tmp_path / "truncated_lynx.pt"
+    broken.write_bytes((FIXTURE / "data" / "finetune_lynx.pt").read_bytes()[:1000])
+    assert run_main(fixture_config(checkpoint=str(broken)), tmp_path) == 1
+    assert one_line_error(capsys).startswith(f"error: {broken}: cannot read this weight file")
+
+
+def test_test_file_missing(tmp_path, in_fixture, no_model, capsys):
+    missing = tmp_path / "nope.jsonl"
+    assert run_main(fixture_config(test_files=[str(missing)]), tmp_path) == 1
+    assert one_line_error(capsys) == f"error: test file not found: {missing}"
+
+
+@pytest.mark.parametrize("bad_line, what", [
+    ('{"index": 5, "image": "images/img_a.jpg", "question": "q"', "not valid JSON: Expecting ',' delimiter"),
+    ('["a", "list"]', "expected a JSON object, got list"),
+    ('{"image": "images/img_a.jpg", "question": "q"}', "record has no 'index'"),
+    ('{"index": 1.5, "image": "images/img_a.jpg", "question": "q"}', "'index' must be an integer or a string"),
+])
+def test_malformed_jsonl_line_names_file_and_line(tmp_path, in_fixture, no_model, capsys, bad_line, what):
+    lines = IMAGES_JSONL.read_text().splitlines()
+    lines.insert(2, bad_line)
+    test_file = tmp_path / "test.jsonl"
+    test_file.write_text("\n".join(lines) + "\n")
+    assert run_main(fixture_config(test_files=[str(test_file)]), tmp_path) == 1
+    message = one_line_error(capsys)
+    assert message.startswith(f"error: {test_file}:3: ")
+    assert what in message
+
+
+def test_duplicate_index_names_both_lines(tmp_path, in_fixture, no_model, capsys):
+    rows = read_jsonl(IMAGES_JSONL)[:3]
+    rows.append(dict(rows[0], question="another question"))
+    test_file = write_jsonl(tmp_path / "test.jsonl", rows)
+    assert run_main(fixture_config(test_files=[test_file]), tmp_path) == 1
+    assert one_line_error(capsys) == f"error: {test_file}:4: duplicate index 17 (first on line 1)"
+
+
+def test_output_folder_missing(tmp_path, in_fixture, no_model, capsys):
+    output = tmp_path / "no" / "such" / "answers.jsonl"
+    assert run_main(fixture_config(), tmp_path, output=output) == 1
+    assert one_line_error(capsys) == f"error: output folder does not exist: {output.parent}"
+
+
+def test_output_folder_not_writable(tmp_path, in_fixture, no_model, capsys, monkeypatch):
+    folder = tmp_path / "read_only"
+    folder.mkdir()
+    folder.chmod(0o555)
+    if os.access(folder, os.W_OK):  # root writes anywhere: make the check see what others would
+        real_access = os.access
+        monkeypatch.setattr("lynx.answers.os.access",
+                            lambda path, mode: False if str(path) == str(folder) else real_access(path, mode))
+    try:
+        assert run_main(fixture_config(), tmp_path, output=folder / "answers.jsonl") == 1
+    finally:
+        folder.chmod(0o755)
+    assert one_line_error(capsys) == f"error: output folder is not writable: {folder}"
+
+
+def test_existing_output_is_not_overwritten(tmp_path, in_fixture, no_model, capsys):
+    output = tmp_path / "answers.jsonl"
+    output.write_text('{"index": 1, "text_output": "an earlier run"}\n')
+    assert run_main(fixture_config(), tmp_path) == 1
+    assert one_line_error(capsys) == f"error: {output} already exists; pass --overwrite to replace it"
+    assert output.read_text() == '{"index": 1, "text_output": "an earlier run"}\n'
+
+
+def test_resume_with_other_settings_is_refused_before_the_model_loads(tmp_path, in_fixture, no_model, capsys):
+    partial = tmp_path / "answers.jsonl.partial.jsonl"
+    partial.write_text('{"fingerprint": "0000000000000000"}\n{"key": [0, 17], "index": 17, "text_output": "x"}\n')
+    assert run_main(fixture_config(), tmp_path) == 1
+    message = one_line_error(capsys)
+    assert message.startswith(f"error: {partial} holds answers of a run with other settings")
+    assert "pass --overwrite" in message
+    assert partial.read_text().count("\n") == 2
+
+
+def test_resume_with_other_settings_and_overwrite_starts_again(tmp_path, in_fixture):
+    partial = tmp_path / "answers.jsonl.partial.jsonl"
+    partial.write_text('{"fingerprint": "0000000000000000"}\n{"key": [0, 17], "index": 17, "text_output": "x"}\n')
+    assert run_main(fixture_config(), tmp_path, "--overwrite") == 0
+    assert read_jsonl(tmp_path / "answers.jsonl") == read_jsonl(FIXTURE / "expected" / "images_greedy.jsonl")
+    assert not partial.exists()
+
+
+# ---------------------------------------------------------------- bad records: listed in <output>.errors.jsonl, exit 2
+
+
+BAD_KINDS = ["missing-image", "unreadable-image", "bad-base64", "missing-video", "empty-video", "unreadable-video",
+             "bad-base64-frame", "no-media-key", "no-question"]
+
+
+def bad_records(folder) -> dict:
+    """kind -> (a record of that kind without its index, the `media` and the start of the `reason` its errors line
+    must hold)."""
+    (folder / "broken.jpg").write_bytes(b"this is not a jpeg")
+    (folder / "broken.mp4").write_bytes(b"this is not an mp4 either" * 10)
+    (folder / "empty.mp4").write_bytes(b"")
+    question = {"question": "What is here?"}
+    return {
+        "missing-image": ({**question, "image": "images/nope.jpg"}, "images/nope.jpg", "image file not found"),
+        "unreadable-image": ({**question, "image": str(folder / "broken.jpg")}, str(folder / "broken.jpg"),
+                             "cannot read the image (cannot identify image file"),
+        "bad-base64": ({**question, "image": "iVBORw0KGgo@@@@"}, "iVBORw0KGgo@@@@",
+                       "image is neither an existing file nor valid base64"),
+        "missing-video": ({**question, "video": str(folder / "nope.mp4")}, str(folder / "nope.mp4"),
+                          "video file not found"),
+        "empty-video": ({**question, "video": str(folder / "empty.mp4")}, str(folder / "empty.mp4"),
+                        "video file is empty (0 bytes)"),
+        "unreadable-video": ({**question, "video": str(folder / "broken.mp4")}, str(folder / "broken.mp4"),
+                             "cannot decode video"),
+        "bad-base64-frame": ({**question, "video": ["@@ not base64 @@"]}, None, "frame 0 is not valid base64"),
+        "no-media-key": (question, None, "has no 'image' or 'video' field"),
+        "no-question": ({"image": "images/img_a.jpg"}, None,
+                        "the prompt needs field 'question' which the record lacks"),
+    }
+
+
+@pytest.fixture(scope="module")
+def bad_run(tmp_path_factory):
+    """One run over good records with every kind of bad record between them."""
+    folder = tmp_path_factory.mktemp("bad_records")
+    kinds = bad_records(folder)
+    rows, lines = [], {}
+    good = iter([{"image": "images/img_a.jpg"}, {"video": "videos/clip_a.mp4"}, {"image": "images/img_b.jpg"},
+                 {"video": "videos/clip_b.mp4"}, {"image": "images/img_c.jpg"}, {"image": "images/img_d.png"},
+                 {"video": "videos/clip_e.json"}, {"image": "images/img_e.png"}, {"image": "images/img_f.jpg"}])
+    for kind, (fields, _, _) in kinds.items():
+        rows.append({"index": f"good-{len(rows)}", "question": "What is in the image?", **next(good)})
+        rows.append({"index": kind, **fields})
+        lines[kind] = len(rows)
+    test_file = write_jsonl(folder / "mixed.jsonl", rows)
+    cfg = fixture_config(test_files=[test_file], vision_prompt_dict="auto")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(FIXTURE)
+        status = run_main(cfg, folder)
+    output = folder / "answers.jsonl"
+    errors = {row["index"]: row for row in read_jsonl(str(output) + ".errors.jsonl")}
+    return dict(status=status, kinds=kinds, lines=lines, test_file=test_file, output=output, errors=errors,
+                answered=[row["index"] for row in read_jsonl(output)])
+
+
+@pytest.mark.parametrize("kind", BAD_KINDS)
+def test_bad_record_is_listed_with_index_file_line_media_reason(bad_run, kind):
+    _, media, reason = bad_run["kinds"][kind]
+    row = bad_run["errors"][kind]
+    assert list(row) == ["index", "file", "line", "media", "reason"]
+    assert row["file"] == bad_run["test_file"]
+    assert row["line"] == bad_run["lines"][kind]
+    assert row["media"] == media
+    assert row["reason"].startswith(reason), row["reason"]
+
+
+def test_bad_records_do_not_stop_the_run(bad_run):
+    assert bad_run["status"] == 2
+    assert sorted(bad_run["errors"]) == sorted(BAD_KINDS) == sorted(bad_run["kinds"])
+    assert bad_run["answered"] == [f"good-{2 * n}" for n in range(len(bad_run["kinds"]))]
+    assert (bad_run["output"].parent / "answers.jsonl.partial.jsonl").exists()
+
+
+def test_two_of_ten_missing_then_fixed(tmp_path, in_fixture, monkeypatch, caplog):
+    """8 answered, 2 listed, exit 2; once the media is back, the same command answers only those 2 and ends clean."""
+    media = tmp_path / "media"
+    shutil.copytree(FIXTURE / "images", media)
+    rows = [dict(row, image=str(media / row["image"].split("/")[-1])) for row in read_jsonl(IMAGES_JSONL)]
+    test_file = write_jsonl(tmp_path / "test.jsonl", rows)
+    missing = {rows[3]["index"]: rows[3]["image"], rows[7]["index"]: rows[7]["image"]}  # images used once
+    for path in missing.values():
+        shutil.move(path, path + ".away")
+    cfg = fixture_config(test_files=[test_file])
+    output = tmp_path / "answers.jsonl"
+    expected = read_jsonl(FIXTURE / "expected" / "images_greedy.jsonl")
+
+    caplog.set_level(logging.INFO, logger="lynx")
+    assert run_main(cfg, tmp_path) == 2
+    assert read_jsonl(output) == [row for row in expected if row["index"] not in missing]
+    errors = read_jsonl(str(output) + ".errors.jsonl")
+    assert [(e["index"], e["line"], e["media"], e["reason"]) for e in errors] == [
+        (rows[3]["index"], 4, rows[3]["image"], "image file not found"),
+        (rows[7]["index"], 8, rows[7]["image"], "image file not found")]
+    assert f"2 of 10 records could not be answered: see {output}.errors.jsonl" in caplog.text
+
+    for path in missing.values():
+        shutil.move(path + ".away", path)
+    asked = []
+    real_answer_batch = generate.LynxPipeline.answer_batch
+    monkeypatch.setattr(generate.LynxPipeline, "answer_batch",
+                        lambda self, batch: asked.extend(batch.positions) or real_answer_batch(self, batch))
+    caplog.clear()
+    assert run_main(cfg, tmp_path) == 0
+    assert "resuming: 8 of 10 records already answered" in caplog.text
+    assert asked == [3, 7]
+    assert read_jsonl(output) == expected
+    assert not (tmp_path / "answers.jsonl.partial.jsonl").exists()
+    assert not (tmp_path / "answers.jsonl.errors.jsonl").exists()
+
+
+def test_strict_stops_at_the_first_bad_record(tmp_path, in_fixture, capsys):
+    rows = read_jsonl(IMAGES_JSONL)[:4]
+    rows[1]["image"] = "images/nope.jpg"
+    test_file = write_jsonl(tmp_path / "test.jsonl", rows)
+    assert run_main(fixture_config(test_files=[test_file], batch_size_test=1), tmp_path, "--strict") == 1
+    assert one_line_error(capsys) == f"error: record 3 ({test_file}:2): image file not found: images/nope.jpg"
+    assert not (tmp_path / "answers.jsonl").exists()
+    assert [e["index"] for e in read_jsonl(tmp_path / "answers.jsonl.errors.jsonl")] == [3]
+    answered = read_jsonl(tmp_path / "answers.jsonl.partial.jsonl")[1:]
+    assert [row["index"] for row in answered] == [17]
+
+
+# ---------------------------------------------------------------- resume bookkeeping
+
+
+def test_line_torn_by_a_crash_is_answered_again(tmp_path, in_fixture):
+    records = generate.read_test_files([str(IMAGES_JSONL)])
+    store = AnswerStore(str(tmp_path / "answers.jsonl"))
+    store.open("abc", overwrite=False)
+    store.add(records[:2], ["first", "second"])
+    with open(store.partial_path, "a") as f:
+        f.write('{"key": [0, 42], "index": 42, "text_out')
+    again = AnswerStore(str(tmp_path / "answers.jsonl"))
+    assert again.open("abc", overwrite=False) == 2
+    assert [again.is_done(r) for r in records[:3]] == [True, True, False]
+
+
+# ---------------------------------------------------------------- out of GPU memory: halves, down to one record
+
+
+class FakePipeline:
+    """answer_batch runs out of memory on batches larger than `fits`, and on `always_fails` even alone."""
+
+    def __init__(self, left_pad: bool, fits: int, always_fails=(), error=torch.OutOfMemoryError):
+        self.cfg = type("Cfg", (), {"use_left_pad": left_pad})()
+        self.fits, self.always_fails, self.error = fits, set(always_fails), error
+        self.seen = []
+        self.retried_inside_except = False
+
+    def answer_batch(self, batch):
+        self.seen.append(batch)
+        # a retry made while the previous error is being handled keeps that attempt's tensors alive
+        self.retried_inside_except |= sys.exc_info()[0] is not None
+        if len(batch) > self.fits or self.always_fails & set(batch.positions):
+            raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return [f"answer {p}" for p in batch.positions]
+
+
+def items(lengths):
+    """Collate items with prompts of the given lengths (distinct ids, so a wrong trim shows)."""
+    return [{"position": p, "error": None, "pixel_values": torch.full((3, 4, 4), float(p)),
+             "input_ids": list(range(100 * p + 1, 100 * p + 1 + n))} for p, n in enumerate(lengths)]
+
+
+def same_batch(a, b) -> bool:
+    return (a.positions == b.positions and torch.equal(a.pixel_values, b.pixel_values)
+            and torch.equal(a.input_ids, b.input_ids) and torch.equal(a.attention_mask, b.attention_mask))
+
+
+@pytest.mark.parametrize("left_pad", [True, False])
+@pytest.mark.parametrize("error", [torch.OutOfMemoryError, RuntimeError])
+def test_out_of_memory_retries_in_halves_trimmed_as_collated(left_pad, error):
+    lengths = [3, 7, 2, 5, 4]
+    collate = Collator(pad_id=0, left_pad=left_pad)
+    pipeline = FakePipeline(left_pad, fits=1, always_fails=[3], error=error)
+    failures = []
+    answers = answer_with_retry(pipeline, collate(items(lengths)), lambda p, e: failures.append((p, e)))
+
+    assert answers == [(0, "answer 0"), (1, "answer 1"), (2, "answer 2"), (4, "answer 4")]
+    assert [(p, e.reason) for p, e in failures] == [(3, "out of GPU memory even alone in a batch")]
+    assert not pipeline.retried_inside_except
+    tried = [[0, 1, 2, 3, 4], [0, 1], [0], [1], [2, 3, 4], [2], [3, 4], [3], [4]]
+    assert [b.positions for b in pipeline.seen] == tried
+    for batch, positions in zip(pipeline.seen, tried):
+        assert same_batch(batch, collate([items(lengths)[p] for p in positions])), positions
+
+
+def test_other_runtime_errors_are_not_retried():
+    pipeline = FakePipeline(True, fits=0, error=lambda message: RuntimeError("shape mismatch"))
+    with pytest.raises(RuntimeError, match="shape mismatch"):
+        answer_with_retry(pipeline, Collator(0, True)(items([2, 3])), lambda p, e: None)
+    assert len(pipeline.seen) == 1
+
+
+def test_a_record_failing_alone_is_reported_by_the_run(tmp_path, in_fixture, monkeypatch):
+    """Through answer_records: the record lands in the errors file and the others are answered."""
+    real = generate.LynxPipeline.answer_batch
+
+    def answer_batch(self, batch):
+        if 2 in batch.positions:
+            raise torch.OutOfMemoryError("CUDA out of memory")
+        return real(self, batch)
+
+    monkeypatch.setattr(generate.LynxPipeline, "answer_batch", answer_batch)
+    assert run_main(fixture_config(), tmp_path) == 2
+    expected = read_jsonl(FIXTURE / "expected" / "images_greedy.jsonl")
+    assert read_jsonl(tmp_path / "answers.jsonl") == expected[:2] + expected[3:]
+    errors = read_jsonl(tmp_path / "answers.jsonl.errors.jsonl")
+    assert errors == [{"index": 42, "file": "./data/Open_VQA_images_tiny.jsonl", "line": 3, "media": None,
+                       "reason": "out of GPU memory even alone in a batch"}]
+
+
+# ---------------------------------------------------------------- progress
+
+
+def test_progress_log_lines_when_not_a_terminal(monkeypatch, caplog):
+    clock = iter([100.0, 105.0, 130.0, 160.0])
+    monkeypatch.setattr("lynx.run.time", SimpleNamespace(monotonic=lambda: next(clock)))
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: False)
+    caplog.set_level(logging.INFO, logger="lynx")
+    progress = Progress(total=10, done=4)  # 4 answered by an earlier run
+    assert progress.bar is None
+    progress.update(1)  # 5 s: too soon for a line
+    assert caplog.messages == []
+    progress.update(2)  # 30 s: 3 records in 30 s, 3 left
+    progress.update(3)  # the last: always a line
+    progress.close()
+    assert caplog.messages == ["7/10 records, 0.10 rec/s, eta 30 s", "10/10 records, 0.10 rec/s, eta 0 s"]
+
+
+def test_progress_bar_on_a_terminal(monkeypatch, capsys, caplog):
+    from tqdm import tqdm
+
+    monkeypatch.setattr(sys.stderr, "isatty", lambda: True)
+    caplog.set_level(logging.INFO, logger="lynx")
+    progress = Progress(total=10, done=2)
+    assert isinstance(progress.bar, tqdm)
+    progress.update(3)
+    progress.close()
+    err = capsys.readouterr().err
+    assert "5/10" in err and "rec/s" in err
+    assert caplog.messages == []
