@@ -50,30 +50,44 @@ class Record:
         return self.fields[kind]
 
 
+def read_json_lines(path) -> list[tuple[int, dict]]:
+    """(line number, object) for each non-blank line; a bad line is an error naming file:line."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = f.readlines()
+    except OSError as err:
+        raise InputError(f"cannot read {path}: {err.strerror or err}") from None
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text ({err.reason})") from None
+    rows = []
+    for line_no, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise InputError(f"{path}:{line_no}: not valid JSON: {err.msg} (column {err.colno})") from None
+        if not isinstance(row, dict):
+            raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
+        rows.append((line_no, row))
+    return rows
+
+
 def read_jsonl(path: str, file_no: int = 0) -> list[Record]:
-    """Records of one jsonl file. Blank lines are skipped; a bad line or a repeated index stops with file:line."""
+    """Records of one test file. Blank lines are skipped; a bad line or a repeated index stops with file:line."""
     if not os.path.isfile(path):
         raise InputError(f"test file not found: {path}")
     records, seen = [], {}
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                fields = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise InputError(f"{path}:{line_no}: not valid JSON: {err.msg} (column {err.colno})") from None
-            if not isinstance(fields, dict):
-                raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(fields).__name__}")
-            if "index" not in fields:
-                raise InputError(f"{path}:{line_no}: record has no 'index'")
-            index = fields["index"]
-            if not isinstance(index, (int, str)) or isinstance(index, bool):
-                raise InputError(f"{path}:{line_no}: 'index' must be an integer or a string, got {index!r}")
-            if index in seen:
-                raise InputError(f"{path}:{line_no}: duplicate index {index!r} (first on line {seen[index]})")
-            seen[index] = line_no
-            records.append(Record(fields, path, line_no, file_no))
+    for line_no, fields in read_json_lines(path):
+        if "index" not in fields:
+            raise InputError(f"{path}:{line_no}: record has no 'index'")
+        index = fields["index"]
+        if not isinstance(index, (int, str)) or isinstance(index, bool):
+            raise InputError(f"{path}:{line_no}: 'index' must be an integer or a string, got {index!r}")
+        if index in seen:
+            raise InputError(f"{path}:{line_no}: duplicate index {index!r} (first on line {seen[index]})")
+        seen[index] = line_no
+        records.append(Record(fields, path, line_no, file_no))
     return records
 
 

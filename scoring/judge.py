@@ -16,7 +16,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from dataset.errors import InputError
-from scoring.records import index_key, read_jsonl
+from dataset.records import read_json_lines
+from scoring.records import index_key
 
 PROMPT_PATH = Path(__file__).with_name("judge_prompt.txt")
 API_KEY_VARIABLES = ("LYNX_JUDGE_API_KEY", "OPENAI_API_KEY")
@@ -78,7 +79,7 @@ def load_cache(path):
     if not Path(path).exists():
         return {}
     entries = {}
-    for number, entry in read_jsonl(path):
+    for number, entry in read_json_lines(path):
         if "key" not in entry or "verdict" not in entry:
             raise InputError(f"{path}:{number}: a cache line needs 'key' and 'verdict'")
         entries[entry["key"]] = entry

@@ -1,10 +1,10 @@
 """Reading annotation and answers files, and pairing every answer with its record by `index`."""
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from dataset.errors import InputError
+from dataset.records import read_json_lines
 
 
 @dataclass
@@ -42,36 +42,13 @@ def index_key(index):
     return str(index)
 
 
-def read_jsonl(path):
-    """Return (line_number, object) for each non-blank line; a bad line is an error naming file:line."""
-    try:
-        with open(path, encoding="utf-8") as handle:
-            lines = handle.readlines()
-    except OSError as error:
-        raise InputError(f"cannot read {path}: {error.strerror or error}") from None
-    except UnicodeDecodeError as error:
-        raise InputError(f"{path}: not UTF-8 text ({error.reason})") from None
-    rows = []
-    for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as error:
-            raise InputError(f"{path}:{number}: not valid JSON ({error.msg}, column {error.colno})") from None
-        if not isinstance(row, dict):
-            raise InputError(f"{path}:{number}: expected a JSON object, got {type(row).__name__}")
-        rows.append((number, row))
-    return rows
-
-
 def read_annotations(path):
     """Read one annotation file into an EvalSet.
 
     A record lacking index, question or answer, or repeating an index, is an error naming file:line.
     """
     records, first_line = [], {}
-    for number, row in read_jsonl(path):
+    for number, row in read_json_lines(path):
         where = f"{path}:{number}"
         for key in ("index", "question", "answer"):
             if key not in row:
@@ -101,7 +78,7 @@ def read_answers(paths):
     """Read answers files into {index key: (index, text)}; an index answered twice is an error."""
     answers, seen_at = {}, {}
     for path in paths:
-        for number, row in read_jsonl(path):
+        for number, row in read_json_lines(path):
             where = f"{path}:{number}"
             if "index" not in row or "text_output" not in row:
                 raise InputError(f"{where}: an answer needs 'index' and 'text_output'")
