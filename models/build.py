@@ -64,6 +64,18 @@ def build_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, LynxTokenize
     reports.append(load_lynx_checkpoint(model, cfg.checkpoint))
     for report in reports:
         log.info("%s", report.summary())
-    model.to(device=device, dtype=dtype).eval()
+    cast_new_parts(model, dtype)
+    model.to(device=device).eval()
     model.requires_grad_(False)
     return model, tokenizer
+
+
+def cast_new_parts(model: Lynx, dtype: torch.dtype) -> None:
+    """Bring the parts built here (ViT, bridge, adapters, frame positions) to the LLM's dtype. Not `model.to(dtype)`:
+    that would also round the LLM's float32 rotary frequencies, shifting every position in bfloat16."""
+    model.vision_encoder.to(dtype)
+    model.bridge.to(dtype)
+    for i in model.adapter_layers:
+        model.LLM.model.layers[i].output_adapter.to(dtype)
+    if model.absolute_frame_pos_embed is not None:
+        model.absolute_frame_pos_embed.data = model.absolute_frame_pos_embed.data.to(dtype)

@@ -126,3 +126,16 @@ def test_greedy_generation_equals_the_written_out_rule(tiny, in_fixture, left_pa
     with torch.no_grad():
         assert generated_ids(model, tokenizer, cfg, batch) == reference_greedy(model, tokenizer, cfg, batch)
     cfg.use_left_pad = True
+
+
+def test_bfloat16_model_keeps_exact_rotary_frequencies(in_fixture):
+    """Only the parameters go to bfloat16: the rotary frequencies stay float32, as transformers loads them."""
+    cfg = config_from_dict(fixture_config(dtype="bfloat16"))
+    model, _ = build_lynx(cfg, "cpu")
+    rotary = model.LLM.model.rotary_emb
+    head_dim = 16
+    exact = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
+    assert rotary.inv_freq.dtype == torch.float32 and torch.equal(rotary.inv_freq, exact)
+    params = dict(model.named_parameters())
+    assert {p.dtype for p in params.values()} == {torch.bfloat16}
+    assert "LLM.model.layers.0.output_adapter.scaling" in params
