@@ -113,6 +113,7 @@ class LoadReport:
     path: str
     loaded: dict = field(default_factory=dict)  # part -> count
     ignored: list = field(default_factory=list)  # keys of the file the model does not have
+    kept: dict = field(default_factory=dict)  # part -> count of model tensors the file does not hold
 
     def count(self, key: str) -> None:
         part = part_of(key)
@@ -125,6 +126,9 @@ class LoadReport:
         if self.ignored:
             shown = ", ".join(self.ignored[:4]) + (", ..." if len(self.ignored) > 4 else "")
             text += f" [{shown}]"
+        if self.kept:
+            kept = ", ".join(f"{p} {self.kept[p]}" for p in PARTS if p in self.kept)
+            text += f"; not in the file, kept from the ViT and LLM weights: {kept}"
         return text
 
 
@@ -168,4 +172,7 @@ def load_lynx_checkpoint(model: torch.nn.Module, path: str) -> LoadReport:
                          f"({part_of(missing[0])}) — is this a Lynx checkpoint for this config?")
     report = LoadReport(path)
     _copy_into(model, state, path, report)
+    for key in model.state_dict():
+        if key not in state:
+            report.kept[part_of(key)] = report.kept.get(part_of(key), 0) + 1
     return report

@@ -69,7 +69,10 @@ def test_load_report_counts_each_part(tiny_model):
     report = load_lynx_checkpoint(tiny_model, str(DATA / "finetune_lynx.pt"))
     assert report.loaded == {"adapters": 7, "bridge": 36, "frame positions": 1}
     assert report.ignored == []
-    assert "44 tensors loaded (adapters 7, bridge 36, frame positions 1), 0 ignored" in report.summary()
+    assert report.kept == {"vision encoder": 30, "LLM": 21}
+    assert report.summary().endswith(
+        "finetune_lynx.pt: 44 tensors loaded (adapters 7, bridge 36, frame positions 1), 0 ignored; "
+        "not in the file, kept from the ViT and LLM weights: vision encoder 30, LLM 21")
 
 
 def test_safetensors_checkpoint_loads_like_the_pt_file(tiny_model, tmp_path):
