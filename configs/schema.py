@@ -20,6 +20,7 @@ VIT_PRESETS = {
     "eva_vit_1b": dict(embed_dim=1408, depth=39, num_heads=16, mlp_ratio=4.3637, patch_size=14),
 }
 DTYPES = ("float32", "bfloat16", "float16")
+DECODERS = ("auto", "hf", "fast")
 VISION_KEYS = ("image", "video", "auto")
 FRAME_SAMPLINGS = ("uniform", "random")
 
@@ -95,6 +96,7 @@ class LynxConfig:
     temperature: float = 1.0  # the original always passes 1.0
     repetition_penalty: float = 1.0  # the original always passes 1.0
     dtype: str | None = None  # float32 | bfloat16 | float16; None: bfloat16 on CUDA, float32 on CPU
+    decoder: str = "auto"  # auto | hf | fast; auto: fast on CUDA, hf (transformers' generate) on CPU
     vit_checkpoint: str = "./data/eva_vit_g.pth"
     llm_path: str | None = None  # None: ./data/<LLM>
     vit: VitConfig | None = None  # overrides the `vision_encoder` preset's dimensions
@@ -107,6 +109,11 @@ class LynxConfig:
     @property
     def vit_dims(self) -> VitConfig:
         return self.vit if self.vit is not None else VitConfig(**VIT_PRESETS[self.vision_encoder])
+
+    def resolve_decoder(self, device: str) -> str:
+        if self.decoder != "auto":
+            return self.decoder
+        return "fast" if str(device).startswith("cuda") else "hf"
 
     def resolve_dtype(self, device: str) -> str:
         if self.dtype is not None:
@@ -122,6 +129,7 @@ _SECTIONS = {"data": DataConfig, "vit": VitConfig}
 _OPTIONAL_TYPES = {"dtype": str, "llm_path": str}
 _CHOICES = {
     "dtype": DTYPES,
+    "decoder": DECODERS,
     "vision_prompt_dict": VISION_KEYS,
     "vision_encoder": tuple(VIT_PRESETS),
     "video_encoding": ("concate",),

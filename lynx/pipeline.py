@@ -19,6 +19,7 @@ from dataset.prompt import format_prompt
 from dataset.video import load_video_frames
 from models.build import build_lynx
 from models.decoding import generation_config
+from models.fast_generate import fast_decoder_for
 
 
 def default_device() -> str:
@@ -39,6 +40,7 @@ class LynxPipeline:
         self.tokenizer = tokenizer
         self.device = device
         self.generation_config = generation_config(cfg, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+        self.fast = fast_decoder_for(model, cfg, device, self.generation_config)  # None: transformers' generate
         self.collate = Collator(tokenizer.pad_id, cfg.use_left_pad)
         self.transform = image_transform(cfg.image_res, cfg.image_mean, cfg.image_std)
         self.lemmatizer = load_lemmatizer() if cfg.apply_lemmatizer else None
@@ -52,7 +54,8 @@ class LynxPipeline:
 
     def answer_batch(self, batch: Batch) -> list[str]:
         """Answers for the usable rows of a collated batch, in row order."""
-        ids = self.model.generate(batch.pixel_values, batch.input_ids, batch.attention_mask, self.generation_config)
+        ids = self.model.generate(batch.pixel_values, batch.input_ids, batch.attention_mask, self.generation_config,
+                                  fast=self.fast)
         answers = [self.tokenizer.decode(row) for row in ids.tolist()]
         return [lemmatize(self.lemmatizer, a) for a in answers] if self.lemmatizer else answers
 

@@ -53,6 +53,8 @@ class Lynx(nn.Module):
         else:
             self.absolute_frame_pos_embed = None
 
+    vit_chunk: int | None = None  # images (frames) per ViT call; None: all at once. Bounds the ViT's activations.
+
     @property
     def device(self) -> torch.device:
         return self.bridge.latents.device
@@ -66,14 +68,19 @@ class Lynx(nn.Module):
         pixel_values = pixel_values.to(device=self.device, dtype=self.dtype)
         if pixel_values.ndim == 5:  # video: every frame through the ViT, frame positions, frames concatenated
             batch, frames = pixel_values.shape[:2]
-            feats = self.vision_encoder.forward_features(pixel_values.flatten(0, 1))  # (B*F, N, D)
+            feats = self.vision_features(pixel_values.flatten(0, 1))  # (B*F, N, D)
             feats = feats.unflatten(0, (batch, frames))  # (B, F, N, D)
             if self.absolute_frame_pos_embed is not None:
                 feats = feats + self.absolute_frame_pos_embed
             feats = feats.flatten(1, 2)  # (B, F*N, D)
         else:
-            feats = self.vision_encoder.forward_features(pixel_values)  # (B, N, D)
+            feats = self.vision_features(pixel_values)  # (B, N, D)
         return self.bridge(feats)
+
+    def vision_features(self, images: torch.Tensor) -> torch.Tensor:
+        if not self.vit_chunk or images.shape[0] <= self.vit_chunk:
+            return self.vision_encoder.forward_features(images)
+        return torch.cat([self.vision_encoder.forward_features(part) for part in images.split(self.vit_chunk)])
 
     def fuse(self, visual: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
         """[visual prefix | padded text]: pads of a left-padded batch sit between the prefix and the text."""
@@ -85,9 +92,12 @@ class Lynx(nn.Module):
 
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 generation_config: GenerationConfig) -> torch.Tensor:
-        """Generated token ids (B, T), without the prompt."""
+                 generation_config: GenerationConfig, fast=None) -> torch.Tensor:
+        """Generated token ids (B, T), without the prompt. `fast`: a models.fast_generate.FastGenerator to decode
+        with instead of transformers' generate."""
         embeds, mask = self.fuse(self.encode_media(pixel_values), input_ids, attention_mask)
+        if fast is not None:
+            return fast.generate(embeds, mask, generation_config)
         with warnings.catch_warnings():  # n-gram blocking on generated tokens only is what we want
             warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
             return self.LLM.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=generation_config)

@@ -1,0 +1,38 @@
+"""benchmarks/benchmark.py runs on the CPU with the tiny model (what CI can run; its numbers mean nothing)."""
+import json
+import subprocess
+import sys
+
+from conftest import ROOT
+
+
+def test_tiny_benchmark_prints_the_table_and_writes_json(tmp_path):
+    out = tmp_path / "results.json"
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--tiny", "--device", "cpu", "--limit", "3",
+           "--batch-size", "2", "--max-new-tokens", "5", "--modes", "paper", "greedy", "--fidelity-limit", "2",
+           "--save-weights", str(tmp_path / "weights"), "--out", str(out)]
+    run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    lines = run.stdout.splitlines()
+    head = next(i for i, line in enumerate(lines) if line.startswith("config "))
+    for word in ("model s", "media s", "ViT s", "resamp s", "prefill s", "decode s", "ms/step", "peak GiB",
+                 "speed-up"):
+        assert word in lines[head]
+    table = [line.split() for line in lines[head + 2:head + 8]]
+    assert [(r[0], r[1], r[2]) for r in table] == [
+        ("baseline", "images", "paper"), ("baseline", "videos", "paper"), ("baseline", "images", "greedy"),
+        ("baseline", "videos", "greedy"), ("fast", "images", "paper"), ("fast", "videos", "paper")]
+    assert "answers equal" in run.stdout
+
+    report = json.loads(out.read_text())
+    assert report["environment"]["card"] == "CPU"
+    rows = report["results"]
+    assert {(r["config"], r["set"], r["mode"]) for r in rows} >= {("fast", "images", "greedy"),
+                                                                 ("fast", "videos", "greedy")}
+    fast_images = next(r for r in rows if r["config"] == "fast" and r["set"] == "images" and r["mode"] == "paper")
+    assert fast_images["records"] == 3 and set(fast_images["parts"]) == {"vit", "resampler", "prefill", "decode"}
+    baseline_greedy = next(r for r in rows if r["config"] == "baseline" and r["mode"] == "greedy")
+    assert baseline_greedy["measured_records"] == 2 and baseline_greedy["estimated"]
+    # float32 on both sides on the CPU: the fast path's greedy answers are the original's
+    assert all(f["equal"] == f["records"] == 2 for f in report["fidelity"].values())
+    assert report["weights"]["load_s"] >= 0 and (tmp_path / "weights" / "lynx_random_bf16.safetensors").exists()
