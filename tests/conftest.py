@@ -43,6 +43,22 @@ def run_generate(cfg: dict, tmp_path: Path, *extra: str, output: Path | None = N
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+def build_tiny_lynx(**overrides):
+    """(config, model, tokenizer) of the fixture with keys replaced, built from the fixture root where its
+    relative paths resolve."""
+    from configs.schema import config_from_dict
+    from models.build import build_lynx
+
+    cwd = os.getcwd()
+    os.chdir(FIXTURE)
+    try:
+        cfg = config_from_dict(fixture_config(**overrides))
+        model, tokenizer = build_lynx(cfg, "cpu")
+    finally:
+        os.chdir(cwd)
+    return cfg, model, tokenizer
+
+
 @pytest.fixture
 def in_fixture(monkeypatch):
     """Run a test from the fixture root, where the relative paths of its config and jsonl resolve."""

@@ -54,7 +54,6 @@ def trained_parts(model_state: dict, generator: torch.Generator) -> dict:
 def write_random_fixture(root: Path, seed: int = 7) -> Path:
     """Write data/{eva_vit_g.pth, vicuna-7b/, finetune_lynx.pt}, copy the shared fixture's media; return root."""
     from configs.schema import config_from_dict
-    from models.build import build_lynx
 
     generator = torch.Generator().manual_seed(seed)
     data = root / "data"

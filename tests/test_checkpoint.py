@@ -1,14 +1,11 @@
 """Checkpoint reading and loading: prefixes, layouts, safe loading, and the errors of the load report."""
-import os
 
 import pytest
 import torch
 from safetensors.torch import save_file
 
-from configs.schema import config_from_dict
-from conftest import FIXTURE, fixture_config
+from conftest import FIXTURE, build_tiny_lynx
 from dataset.errors import InputError
-from models.build import build_lynx
 from models.checkpoint import clean_lynx_state, load_lynx_checkpoint, read_state_file, strip_key_prefix
 
 DATA = FIXTURE / "data"
@@ -46,13 +43,7 @@ def test_split_qkv_keys_are_fused_into_the_eva_layout():
 
 @pytest.fixture(scope="module")
 def tiny_model():
-    cwd = os.getcwd()
-    os.chdir(FIXTURE)
-    try:
-        cfg = config_from_dict(fixture_config())
-        yield build_lynx(cfg, "cpu")[0]
-    finally:
-        os.chdir(cwd)
+    return build_tiny_lynx()[1]
 
 
 def test_whole_model_checkpoints_give_the_same_parameters(tiny_model, in_fixture):

@@ -1,7 +1,6 @@
 """Config loading: the original's keys and defaults, the additions, overrides and the errors."""
 import shutil
 import subprocess
-import sys
 
 import pytest
 import yaml

@@ -10,11 +10,9 @@ from transformers import GenerationConfig
 from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor, NoRepeatNGramLogitsProcessor,
                                                     TopKLogitsWarper, TopPLogitsWarper)
 
-from configs.schema import config_from_dict
-from conftest import FIXTURE, fixture_cases, fixture_config, read_jsonl as read_answers, run_generate
+from conftest import FIXTURE, build_tiny_lynx, fixture_cases, fixture_config, read_jsonl as read_answers, run_generate
 from dataset.batching import Collator, LynxEvalDataset
 from dataset.records import read_jsonl
-from models.build import build_lynx
 from models.decoding import generation_config
 from models.fast_generate import (FastGenerator, SearchSettings, UnsupportedOptions, ban_early_eos,
                                   ban_repeated_ngrams, fast_decoder_for, keep_top_k, keep_top_p)
@@ -23,11 +21,10 @@ from models.fast_generate import (FastGenerator, SearchSettings, UnsupportedOpti
 @pytest.fixture(scope="module")
 def tiny():
     """(config, model, tokenizer) of the fixture, and a function giving fused (embeds, mask) of fixture records."""
+    cfg, model, tokenizer = build_tiny_lynx()
     cwd = os.getcwd()
     os.chdir(FIXTURE)
     try:
-        cfg = config_from_dict(fixture_config())
-        model, tokenizer = build_lynx(cfg, "cpu")
         records = {kind: read_jsonl(f"./data/Open_VQA_{kind}_tiny.jsonl") for kind in ("images", "videos")}
         items = {}
         for kind, key in (("images", "image"), ("videos", "video")):

@@ -1,16 +1,13 @@
 """The model's parts against the original's tensors, and the prefix / padding / position rules."""
-import json
 
 import pytest
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from configs.schema import config_from_dict
-from conftest import FIXTURE, fixture_config
+from conftest import FIXTURE, build_tiny_lynx
 from dataset.batching import Collator, LynxEvalDataset
 from dataset.records import read_jsonl
-from models.build import build_lynx
 from models.lynx import positions_from_mask
 from models.vision_encoder import resize_pos_embed
 from reference import reference_greedy
@@ -18,17 +15,8 @@ from reference import reference_greedy
 
 @pytest.fixture(scope="module")
 def tiny():
-    """(config, model, tokenizer) of the fixture, built from the fixture root."""
-    import os
-
-    cwd = os.getcwd()
-    os.chdir(FIXTURE)
-    try:
-        cfg = config_from_dict(fixture_config())
-        model, tokenizer = build_lynx(cfg, "cpu")
-        yield cfg, model, tokenizer
-    finally:
-        os.chdir(cwd)
+    """(config, model, tokenizer) of the fixture; tests may change the config."""
+    return build_tiny_lynx()
 
 
 def batch_of(cfg, tokenizer, kind, positions):
@@ -130,8 +118,7 @@ def test_greedy_generation_equals_the_written_out_rule(tiny, in_fixture, left_pa
 
 def test_bfloat16_model_keeps_exact_rotary_frequencies(in_fixture):
     """Only the parameters go to bfloat16: the rotary frequencies stay float32, as transformers loads them."""
-    cfg = config_from_dict(fixture_config(dtype="bfloat16"))
-    model, _ = build_lynx(cfg, "cpu")
+    _, model, _ = build_tiny_lynx(dtype="bfloat16")
     rotary = model.LLM.model.rotary_emb
     head_dim = 16
     exact = 1.0 / (10000 ** (torch.arange(0, head_dim, 2, dtype=torch.int64).float() / head_dim))
