@@ -52,10 +52,10 @@ class LynxPipeline:
         model, tokenizer = build_lynx(cfg, device)
         return cls(cfg, model, tokenizer, device)
 
-    def answer_batch(self, batch: Batch) -> list[str]:
-        """Answers for the usable rows of a collated batch, in row order."""
+    def answer_batch(self, batch: Batch, visual: torch.Tensor | None = None) -> list[str]:
+        """Answers for the usable rows of a collated batch, in row order (`visual`: its prefix, if computed)."""
         ids = self.model.generate(batch.pixel_values, batch.input_ids, batch.attention_mask, self.generation_config,
-                                  fast=self.fast)
+                                  fast=self.fast, visual=visual)
         answers = [self.tokenizer.decode(row) for row in ids.tolist()]
         return [lemmatize(self.lemmatizer, a) for a in answers] if self.lemmatizer else answers
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import logging
 import sys
 import time
+from collections.abc import Iterator
 
 import torch
 from torch.utils.data import DataLoader
@@ -13,6 +14,7 @@ from dataset.errors import RecordError
 from dataset.records import Record
 from lynx.answers import AnswerStore
 from lynx.pipeline import LynxPipeline
+from models.fast_generate import MediaAhead
 
 log = logging.getLogger("lynx")
 
@@ -64,14 +66,16 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure) -> list[tuple[int, str]]:
+def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure,
+                      visual: torch.Tensor | None = None) -> list[tuple[int, str]]:
     """Answers of a batch; on running out of GPU memory, the batch is retried in halves down to one record."""
     try:
-        return list(zip(batch.positions, pipeline.answer_batch(batch)))
+        return list(zip(batch.positions, pipeline.answer_batch(batch, visual)))
     except RuntimeError as err:
         if not is_out_of_memory(err):
             raise
     # Retried outside the except block: the error's traceback holds the failed attempt's tensors until it ends.
+    visual = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if len(batch) == 1:
@@ -82,6 +86,36 @@ def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure) -> list[
     left = pipeline.cfg.use_left_pad
     return (answer_with_retry(pipeline, split_batch(batch, slice(0, half), left), on_failure)
             + answer_with_retry(pipeline, split_batch(batch, slice(half, None), left), on_failure))
+
+
+def with_media_ahead(loader, model) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+    """(batch, its visual prefix or None): on CUDA the next batch's ViT and resampler run on a side stream while
+    the current batch decodes. A prefix that could not be computed ahead (out of memory) is computed inline."""
+    ahead = MediaAhead(model)
+    batches = iter(loader)
+    current = next(batches, None)
+    queued = _submit(ahead, current)
+    while current is not None:
+        following = next(batches, None)
+        with torch.inference_mode():
+            visual = ahead.take() if queued else None
+        queued = _submit(ahead, following)
+        yield current, visual
+        current = following
+
+
+def _submit(ahead: MediaAhead, batch: Batch | None) -> bool:
+    if batch is None or not len(batch):
+        return False
+    try:
+        with torch.inference_mode():
+            ahead.submit(batch.pixel_values)
+    except RuntimeError as err:
+        if not is_out_of_memory(err):
+            raise
+        ahead.pending = None
+        return False
+    return True
 
 
 def answer_records(pipeline: LynxPipeline, records: list[Record], store: AnswerStore, positions: list[int],
@@ -112,11 +146,11 @@ def answer_records(pipeline: LynxPipeline, records: list[Record], store: AnswerS
 
     progress = Progress(total=len(positions), done=len(positions) - len(todo))
     try:
-        for batch in loader:
+        for batch, visual in with_media_ahead(loader, pipeline.model):
             for position, error in batch.failures:
                 on_failure(position, error)
             if len(batch):
-                answered = answer_with_retry(pipeline, batch, on_failure)
+                answered = answer_with_retry(pipeline, batch, on_failure, visual)
                 store.add([records[p] for p, _ in answered], [text for _, text in answered])
             progress.update(len(batch) + len(batch.failures))
     finally:

@@ -92,10 +92,12 @@ class Lynx(nn.Module):
 
     @torch.inference_mode()
     def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 generation_config: GenerationConfig, fast=None) -> torch.Tensor:
+                 generation_config: GenerationConfig, fast=None, visual: torch.Tensor | None = None) -> torch.Tensor:
         """Generated token ids (B, T), without the prompt. `fast`: a models.fast_generate.FastGenerator to decode
-        with instead of transformers' generate."""
-        embeds, mask = self.fuse(self.encode_media(pixel_values), input_ids, attention_mask)
+        with instead of transformers' generate. `visual`: the batch's visual prefix when it was computed already."""
+        if visual is None:
+            visual = self.encode_media(pixel_values)
+        embeds, mask = self.fuse(visual, input_ids, attention_mask)
         if fast is not None:
             return fast.generate(embeds, mask, generation_config)
         with warnings.catch_warnings():  # n-gram blocking on generated tokens only is what we want

@@ -312,7 +312,7 @@ def test_two_of_ten_missing_then_fixed(tmp_path, in_fixture, monkeypatch, caplog
     asked = []
     real_answer_batch = generate.LynxPipeline.answer_batch
     monkeypatch.setattr(generate.LynxPipeline, "answer_batch",
-                        lambda self, batch: asked.extend(batch.positions) or real_answer_batch(self, batch))
+                        lambda self, batch, visual=None: asked.extend(batch.positions) or real_answer_batch(self, batch, visual))
     caplog.clear()
     assert run_main(cfg, tmp_path) == 0
     assert "resuming: 8 of 10 records already answered" in caplog.text
@@ -361,7 +361,7 @@ class FakePipeline:
         self.seen = []
         self.retried_inside_except = False
 
-    def answer_batch(self, batch):
+    def answer_batch(self, batch, visual=None):
         self.seen.append(batch)
         # a retry made while the previous error is being handled keeps that attempt's tensors alive
         self.retried_inside_except |= sys.exc_info()[0] is not None
@@ -410,10 +410,10 @@ def test_a_record_failing_alone_is_reported_by_the_run(tmp_path, in_fixture, mon
     """Through answer_records: the record lands in the errors file and the others are answered."""
     real = generate.LynxPipeline.answer_batch
 
-    def answer_batch(self, batch):
+    def answer_batch(self, batch, visual=None):
         if 2 in batch.positions:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return real(self, batch)
+        return real(self, batch, visual)
 
     monkeypatch.setattr(generate.LynxPipeline, "answer_batch", answer_batch)
     assert run_main(fixture_config(), tmp_path) == 2
@@ -454,3 +454,22 @@ def test_progress_bar_on_a_terminal(monkeypatch, capsys, caplog):
     err = capsys.readouterr().err
     assert "5/10" in err and "rec/s" in err
     assert caplog.messages == []
+
+
+def test_visual_prefix_computed_ahead_is_the_batch_own(in_fixture):
+    """The loop hands each batch the prefix of its own media (computed one batch ahead on CUDA)."""
+    from dataset.batching import LynxEvalDataset
+    from dataset.records import read_jsonl as read_records
+    from lynx.run import with_media_ahead
+    from conftest import build_tiny_lynx
+
+    cfg, model, tokenizer = build_tiny_lynx()
+    records = read_records("./data/Open_VQA_images_tiny.jsonl")
+    dataset = LynxEvalDataset(records, cfg, tokenizer)
+    collate = Collator(tokenizer.pad_id, True)
+    loader = [collate([dataset[p] for p in positions]) for positions in ([0, 1, 2], [3], [4, 5])]
+    pairs = list(with_media_ahead(loader, model))
+    assert [b.positions for b, _ in pairs] == [[0, 1, 2], [3], [4, 5]]
+    with torch.no_grad():
+        for batch, visual in pairs:
+            assert torch.equal(visual, model.encode_media(batch.pixel_values))
