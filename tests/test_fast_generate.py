@@ -255,3 +255,15 @@ def test_cuda_graphs_give_the_eager_tokens(tiny):
         graphs = FastGenerator(gpu.LLM, prompt_len=80, batch_size=4, prefix_len=32)
         assert torch.equal(graphs.generate(embeds.cuda(), mask.cuda(), gen), eager)
         assert torch.equal(graphs.generate(embeds.cuda(), mask.cuda(), gen), eager)  # replayed on new inputs
+
+
+def test_ngram_blocking_sees_generated_tokens_only():
+    """Documented difference: the original (transformers 4.28) also counted its BOS placeholder, so after a
+    generated <s> (id 1) it banned the answer's first token. Both decoders here look at generated tokens only."""
+    scores = torch.zeros(1, 10)
+    generated = torch.tensor([[5, 1, 0]])  # first token 5, then <s>; the next choice is step 2
+    assert torch.isfinite(ban_repeated_ngrams(scores, generated, torch.tensor(2), 2)[0, 5])
+    hf = NoRepeatNGramLogitsProcessor(2)
+    assert torch.isfinite(hf(generated[:, :2], scores.clone())[0, 5])
+    with_placeholder = torch.tensor([[1, 5, 1]])  # what the original's processor saw
+    assert hf(with_placeholder, scores.clone())[0, 5] == -float("inf")
