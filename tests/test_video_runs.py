@@ -21,6 +21,7 @@ TINY_WEIGHTS = {
 DECODING = {
     "greedy": {"num_beams": 1, "use_nucleus_sampling": False},
     "beam5": {"num_beams": 5, "use_nucleus_sampling": False},
+    "paper": {"num_beams": 5, "use_nucleus_sampling": True},  # beam sampling: repeats for the same --seed
 }
 
 
