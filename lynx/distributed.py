@@ -27,7 +27,7 @@ from dataset.batching import batches_by_media
 from dataset.errors import InputError
 from dataset.records import Record
 from lynx.answers import AnswerStore, read_partial
-from lynx.pipeline import default_device
+from lynx.pipeline import check_device, default_device
 
 # How long a process waits at a meeting point for one that is alive but silent. Shares differ by at most a batch,
 # so the wait at the end is short unless a process is stuck.
@@ -112,6 +112,7 @@ class Ranks:
         """Join the other processes; returns this process's device: with several processes and --device cuda or
         unset, each one's own GPU (cuda:LOCAL_RANK)."""
         device = requested or default_device()
+        check_device(device)
         if not self.several:
             return device
         if device == "cuda":

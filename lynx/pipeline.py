@@ -14,6 +14,7 @@ from PIL import Image
 
 from configs.schema import LynxConfig, load_config
 from dataset.batching import Batch, Collator
+from dataset.errors import InputError
 from dataset.media import image_transform, open_image, pixels_of_frames
 from dataset.prompt import format_prompt
 from dataset.video import load_video_frames
@@ -24,6 +25,19 @@ from models.fast_generate import fast_decoder_for
 
 def default_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def check_device(device: str) -> None:
+    """A device this machine has, or one clear line: before anything loads."""
+    try:
+        kind = torch.device(device).type
+    except RuntimeError:
+        raise InputError(f"--device {device}: not a device name (cuda, cuda:1, cpu)") from None
+    if kind == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: no CUDA device is available here; use --device cpu")
+    index = torch.device(device).index
+    if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
+        raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
 
 
 def seed_everything(seed: int) -> None:
@@ -93,8 +107,6 @@ def load_lemmatizer():
 
         return spacy.load("en_core_web_sm")
     except (ImportError, OSError):
-        from dataset.errors import InputError
-
         raise InputError("apply_lemmatizer: True needs spaCy and its English model: "
                          "pip install spacy && python -m spacy download en_core_web_sm") from None
 

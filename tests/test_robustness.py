@@ -473,3 +473,23 @@ def test_visual_prefix_computed_ahead_is_the_batch_own(in_fixture):
     with torch.no_grad():
         for batch, visual in pairs:
             assert torch.equal(visual, model.encode_media(batch.pixel_values))
+
+
+@pytest.mark.parametrize("device,message", [
+    ("tpu", "error: --device tpu: not a device name (cuda, cuda:1, cpu)"),
+    ("cuda:7", None),
+])
+def test_unusable_device_is_one_line(device, message, tmp_path, in_fixture, capsys):
+    import torch
+
+    if message is None:  # a GPU index this machine does not have (here: no CUDA at all, or fewer than 8)
+        message = (f"error: --device {device}: no CUDA device is available here; use --device cpu"
+                   if not torch.cuda.is_available() else
+                   f"error: --device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(fixture_config()))
+    status = generate.main(["--config", str(cfg_path), "--output_path", str(tmp_path / "a.jsonl"),
+                            "--device", device])
+    assert status == 1
+    assert one_line_error(capsys) == message
+    assert not (tmp_path / "a.jsonl").exists()
