@@ -155,7 +155,8 @@ def build_random_lynx(cfg, tiny: bool, device: str, seed: int) -> Lynx:
                         tie_word_embeddings=False)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Lynx(cfg, LynxLlamaForCausalLM(llama))
+        model = Lynx(cfg, LynxLlamaForCausalLM(llama),
+                     vit_chunk=cfg.batch_size_test if str(device).startswith("cuda") else None)  # as build_lynx
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16))

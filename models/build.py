@@ -56,7 +56,7 @@ def build_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, LynxTokenize
     tokenizer = LynxTokenizer(os.path.join(cfg.llm_dir, "tokenizer.model"))
     llm = load_llm(cfg, dtype)
     add_pad_rows(llm, tokenizer.vocab_size)
-    model = Lynx(cfg, llm)
+    model = Lynx(cfg, llm, vit_chunk=cfg.batch_size_test if str(device).startswith("cuda") else None)
     grid = cfg.image_res // cfg.vit_dims.patch_size
     reports = [load_vision_weights(model.vision_encoder, cfg.vit_checkpoint, grid)]
     log.info("%s: LLM loaded (%d layers, adapters on %s)", cfg.llm_dir, llm.config.num_hidden_layers,

@@ -617,8 +617,7 @@ def fast_decoder_for(model, cfg, device: str, generation_config: GenerationConfi
                      compile: bool | None = None) -> FastGenerator | None:
     """The FastGenerator a Lynx run decodes with, or None for transformers' generate: `decoder: fast`, or `auto` on
     CUDA, and options the fast path reproduces. On CUDA, prompts are padded to num_bridge_tokens + max_input_tokens
-    and batches to batch_size_test, so one CUDA graph serves every batch; the layers are compiled, and the ViT takes
-    at most batch_size_test frames at a time (a video batch's activations would otherwise outgrow the KV cache)."""
+    and batches to batch_size_test, so one CUDA graph serves every batch, and the layers are compiled."""
     if cfg.resolve_decoder(device) != "fast":
         return None
     try:
@@ -628,7 +627,6 @@ def fast_decoder_for(model, cfg, device: str, generation_config: GenerationConfi
         return None
     if not str(device).startswith("cuda"):
         return FastGenerator(model.LLM, prefix_len=cfg.num_bridge_tokens)
-    model.vit_chunk = cfg.batch_size_test
     return FastGenerator(model.LLM, compile=True if compile is None else compile,
                          prompt_len=cfg.num_bridge_tokens + cfg.max_input_tokens, batch_size=cfg.batch_size_test,
                          prefix_len=cfg.num_bridge_tokens)

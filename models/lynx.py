@@ -39,8 +39,11 @@ class Lynx(nn.Module):
     """Attribute names equal the released checkpoints' key prefixes: vision_encoder, bridge, LLM,
     absolute_frame_pos_embed."""
 
-    def __init__(self, cfg: LynxConfig, llm: LynxLlamaForCausalLM):
+    def __init__(self, cfg: LynxConfig, llm: LynxLlamaForCausalLM, vit_chunk: int | None = None):
         super().__init__()
+        # Images (frames) per ViT call; None: all at once. On a GPU, batch_size_test bounds a video batch's
+        # activations (16 x 5 frames at once would outgrow the KV cache).
+        self.vit_chunk = vit_chunk
         dims = cfg.vit_dims
         hidden = llm.config.hidden_size
         self.vision_encoder = build_vision_encoder(dims, cfg.image_res)
@@ -52,8 +55,6 @@ class Lynx(nn.Module):
             self.absolute_frame_pos_embed = nn.Parameter(torch.zeros(1, cfg.data.num_frames, 1, dims.embed_dim))
         else:
             self.absolute_frame_pos_embed = None
-
-    vit_chunk: int | None = None  # images (frames) per ViT call; None: all at once. Bounds the ViT's activations.
 
     @property
     def device(self) -> torch.device:

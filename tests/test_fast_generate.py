@@ -231,7 +231,7 @@ def test_vit_in_chunks_gives_the_same_visual_tokens(tiny):
         try:
             chunked = model.encode_media(videos)
         finally:
-            del model.vit_chunk
+            model.vit_chunk = None
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
 
 
