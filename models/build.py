@@ -5,11 +5,13 @@ import logging
 import os
 
 import torch
+from transformers import AutoConfig
 
 from configs.schema import LynxConfig
 from dataset.errors import InputError
 from dataset.prompt import LynxTokenizer
-from models.checkpoint import WEIGHT_SOURCES, load_lynx_checkpoint, load_vision_weights
+from models.checkpoint import (WEIGHT_SOURCES, check_lynx_state, load_lynx_checkpoint, load_vision_weights,
+                               read_lynx_checkpoint, vision_weights)
 from models.lynx import Lynx, LynxLlamaForCausalLM
 
 log = logging.getLogger("lynx")
@@ -49,19 +51,35 @@ def load_llm(cfg: LynxConfig, dtype: torch.dtype) -> LynxLlamaForCausalLM:
         raise InputError(f"{cfg.llm_dir}: cannot load the LLM ({str(err).splitlines()[0]})") from None
 
 
+def model_skeleton(cfg: LynxConfig, vocab_size: int) -> Lynx:
+    """Lynx on the meta device (shapes, no memory, no weights): lets a checkpoint be checked before anything loads."""
+    try:
+        llm_config = AutoConfig.from_pretrained(cfg.llm_dir)
+    except (OSError, ValueError) as err:
+        raise InputError(f"{cfg.llm_dir}: cannot read the LLM's config.json ({str(err).splitlines()[0]})") from None
+    llm_config.vocab_size = vocab_size
+    with torch.device("meta"):
+        return Lynx(cfg, LynxLlamaForCausalLM(llm_config))
+
+
 def build_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, LynxTokenizer]:
     """The model in eval mode on `device` in the config's dtype, and its tokenizer. Prints a load report."""
     check_weight_files(cfg)
     dtype = DTYPES[cfg.resolve_dtype(device)]
     tokenizer = LynxTokenizer(os.path.join(cfg.llm_dir, "tokenizer.model"))
+    grid = cfg.image_res // cfg.vit_dims.patch_size
+    # Check both files against the model's shapes before any weight loads: a bad file fails in seconds.
+    skeleton = model_skeleton(cfg, tokenizer.vocab_size)
+    vision_weights(skeleton.vision_encoder.state_dict(), cfg.vit_checkpoint, grid)
+    lynx_state = read_lynx_checkpoint(cfg.checkpoint)
+    check_lynx_state(skeleton.state_dict(), lynx_state, cfg.checkpoint)
     llm = load_llm(cfg, dtype)
     add_pad_rows(llm, tokenizer.vocab_size)
     model = Lynx(cfg, llm, vit_chunk=cfg.batch_size_test if str(device).startswith("cuda") else None)
-    grid = cfg.image_res // cfg.vit_dims.patch_size
     reports = [load_vision_weights(model.vision_encoder, cfg.vit_checkpoint, grid)]
     log.info("%s: LLM loaded (%d layers, adapters on %s)", cfg.llm_dir, llm.config.num_hidden_layers,
              model.adapter_layers)
-    reports.append(load_lynx_checkpoint(model, cfg.checkpoint))
+    reports.append(load_lynx_checkpoint(model, cfg.checkpoint, lynx_state))
     for report in reports:
         log.info("%s", report.summary())
     cast_new_parts(model, dtype)

@@ -132,47 +132,71 @@ class LoadReport:
         return text
 
 
-def _copy_into(model: torch.nn.Module, state: dict, path: str, report: LoadReport, prefix: str = "") -> None:
-    """Copy matching tensors into `model`; a shape mismatch is an error naming the file, key and both shapes."""
+def check_shapes(own: dict, state: dict, path: str) -> None:
+    """Every tensor of the file that the model has must have the model's shape (`own` may live on meta)."""
+    for key, value in state.items():
+        if key in own and tuple(own[key].shape) != tuple(value.shape):
+            raise InputError(f"{path}: '{key}' has shape {tuple(value.shape)} in the file but the model expects "
+                             f"{tuple(own[key].shape)} — the file does not fit this config")
+
+
+def _copy_into(model: torch.nn.Module, state: dict, report: LoadReport, prefix: str = "") -> None:
+    """Copy the tensors the model has into it (shapes checked before); the others are reported as ignored."""
     own = model.state_dict()
     selected = {}
     for key, value in state.items():
-        target = own.get(key)
-        if target is None:
+        if key not in own:
             report.ignored.append(key)
             continue
-        if tuple(target.shape) != tuple(value.shape):
-            raise InputError(f"{path}: '{key}' has shape {tuple(value.shape)} in the file but the model expects "
-                             f"{tuple(target.shape)} — the file does not fit this config")
         selected[key] = value
         report.count(prefix + key)
     model.load_state_dict(selected, strict=False)
 
 
-def load_vision_weights(vision_encoder: torch.nn.Module, path: str, grid: int) -> LoadReport:
-    """Load eva_vit_g.pth: unused blocks and heads are ignored; a key the model needs but the file lacks is an error."""
-    state = read_state_file(path, "vit")
-    selected, unused = eva_state_dict_for(vision_encoder, state, grid)
-    missing = sorted(set(vision_encoder.state_dict()) - set(selected))
+def vision_weights(own: dict, path: str, grid: int) -> tuple[dict, list[str]]:
+    """The tensors of eva_vit_g.pth the ViT uses (position grid resized) and the keys it does not use, checked
+    against the ViT's state dict `own`: a key the model needs but the file lacks, or a wrong shape, is an error."""
+    selected, unused = eva_state_dict_for(set(own), read_state_file(path, "vit"), grid)
+    missing = sorted(set(own) - set(selected))
     if missing:
         raise InputError(f"{path}: missing {len(missing)} vision-encoder tensors the model needs, e.g. '{missing[0]}'")
+    check_shapes(own, selected, path)
+    return selected, unused
+
+
+def load_vision_weights(vision_encoder: torch.nn.Module, path: str, grid: int) -> LoadReport:
+    """Load eva_vit_g.pth into the ViT; unused blocks and heads are reported as ignored."""
+    selected, unused = vision_weights(vision_encoder.state_dict(), path, grid)
     report = LoadReport(path)
-    _copy_into(vision_encoder, selected, path, report, prefix="vision_encoder.")
+    _copy_into(vision_encoder, selected, report, prefix="vision_encoder.")
     report.ignored.extend(unused)
     return report
 
 
-def load_lynx_checkpoint(model: torch.nn.Module, path: str) -> LoadReport:
-    """Load a Lynx checkpoint (trained parts only, or the whole model) on top of the ViT and LLM weights."""
-    state = clean_lynx_state(read_state_file(path, "checkpoint"))
-    trained = [k for k in model.state_dict() if part_of(k) in TRAINED_PARTS]
-    missing = [k for k in trained if k not in state]
+def read_lynx_checkpoint(path: str) -> dict:
+    """The Lynx checkpoint's tensors with clean keys (see clean_lynx_state)."""
+    return clean_lynx_state(read_state_file(path, "checkpoint"))
+
+
+def check_lynx_state(own: dict, state: dict, path: str) -> None:
+    """Every trained tensor of the model is in the checkpoint, and every tensor they share has the model's shape.
+    `own` may be the state dict of a model on the meta device, so this runs before any weight is loaded."""
+    missing = [k for k in own if part_of(k) in TRAINED_PARTS and k not in state]
     if missing:
         raise InputError(f"{path}: missing {len(missing)} trained tensors, e.g. '{missing[0]}' "
                          f"({part_of(missing[0])}) — is this a Lynx checkpoint for this config?")
+    check_shapes(own, state, path)
+
+
+def load_lynx_checkpoint(model: torch.nn.Module, path: str, state: dict | None = None) -> LoadReport:
+    """Load a Lynx checkpoint (trained parts only, or the whole model) on top of the ViT and LLM weights.
+    `state`: the checkpoint as read_lynx_checkpoint returned it, when it was read already."""
+    state = read_lynx_checkpoint(path) if state is None else state
+    own = model.state_dict()
+    check_lynx_state(own, state, path)
     report = LoadReport(path)
-    _copy_into(model, state, path, report)
-    for key in model.state_dict():
+    _copy_into(model, state, report)
+    for key in own:
         if key not in state:
             report.kept[part_of(key)] = report.kept.get(part_of(key), 0) + 1
     return report

@@ -55,13 +55,12 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
     )
 
 
-def eva_state_dict_for(model: Eva, state: dict, grid: int) -> tuple[dict, list[str]]:
-    """Select from an EVA checkpoint the keys `model` uses and resize its position grid.
+def eva_state_dict_for(wanted: set, state: dict, grid: int) -> tuple[dict, list[str]]:
+    """Select from an EVA checkpoint the keys in `wanted` (the ViT's state-dict keys) and resize its position grid.
 
     Returns (state dict for the model, keys of the file that the model does not use). Extra blocks (the 40th of
     eva_vit_g.pth) and heads are among the unused keys.
     """
-    wanted = set(model.state_dict())
     selected, unused = {}, []
     for key, value in state.items():
         if key not in wanted:

@@ -49,6 +49,17 @@ def no_model(monkeypatch):
     monkeypatch.setattr(generate.LynxPipeline, "from_config", refuse)
 
 
+@pytest.fixture
+def no_weights_loaded(monkeypatch):
+    """Fail the test if the LLM or the ViT weights start loading: checkpoint problems are found before that."""
+    import models.build
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("weights were loaded before the checkpoint problem was found")
+
+    monkeypatch.setattr(models.build, "load_llm", refuse)
+
+
 def one_line_error(capsys) -> str:
     err = capsys.readouterr().err
     assert "Traceback" not in err
@@ -100,7 +111,7 @@ def test_missing_weight_file_names_it_and_its_source(tmp_path, in_fixture, no_mo
     assert not (tmp_path / "answers.jsonl.partial.jsonl").exists()
 
 
-def test_checkpoint_with_wrong_shape_names_file_key_and_shapes(tmp_path, in_fixture, capsys):
+def test_checkpoint_with_wrong_shape_names_file_key_and_shapes(tmp_path, in_fixture, capsys, no_weights_loaded):
     state = torch.load(FIXTURE / "data" / "finetune_lynx.pt", weights_only=True)
     state["model"]["bridge.latents"] = torch.zeros(16, 64)
     bad = tmp_path / "finetune_other.pt"
@@ -115,7 +126,7 @@ class Extra:
     """Anything that is not a tensor: unpickling it means importing and running this module's code."""
 
 
-def test_checkpoint_that_needs_pickled_code_is_refused(tmp_path, in_fixture, capsys):
+def test_checkpoint_that_needs_pickled_code_is_refused(tmp_path, in_fixture, capsys, no_weights_loaded):
     state = torch.load(FIXTURE / "data" / "finetune_lynx.pt", weights_only=True)
     pickled = tmp_path / "pickled_lynx.pt"
     torch.save({"model": state["model"], "extra": Extra()}, pickled)
@@ -125,7 +136,7 @@ def test_checkpoint_that_needs_pickled_code_is_refused(tmp_path, in_fixture, cap
     assert "would execute pickled code" in message and "weights_only=True" in message
 
 
-def test_unreadable_checkpoint_is_one_line(tmp_path, in_fixture, capsys):
+def test_unreadable_checkpoint_is_one_line(tmp_path, in_fixture, capsys, no_weights_loaded):
     broken = tmp_path / "truncated_lynx.pt"
     broken.write_bytes((FIXTURE / "data" / "finetune_lynx.pt").read_bytes()[:1000])
     assert run_main(fixture_config(checkpoint=str(broken)), tmp_path) == 1
@@ -493,3 +504,13 @@ def test_unusable_device_is_one_line(device, message, tmp_path, in_fixture, caps
     assert status == 1
     assert one_line_error(capsys) == message
     assert not (tmp_path / "a.jsonl").exists()
+
+
+def test_vit_file_lacking_a_tensor_is_found_before_weights_load(tmp_path, in_fixture, capsys, no_weights_loaded):
+    state = torch.load(FIXTURE / "data" / "eva_vit_g.pth", weights_only=True)
+    del state["blocks.1.mlp.fc2.bias"]
+    bad = tmp_path / "eva.pth"
+    torch.save(state, bad)
+    assert run_main(fixture_config(vit_checkpoint=str(bad)), tmp_path) == 1
+    assert one_line_error(capsys) == (
+        f"error: {bad}: missing 1 vision-encoder tensors the model needs, e.g. 'blocks.1.mlp.fc2.bias'")
