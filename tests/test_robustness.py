@@ -514,3 +514,15 @@ def test_vit_file_lacking_a_tensor_is_found_before_weights_load(tmp_path, in_fix
     assert run_main(fixture_config(vit_checkpoint=str(bad)), tmp_path) == 1
     assert one_line_error(capsys) == (
         f"error: {bad}: missing 1 vision-encoder tensors the model needs, e.g. 'blocks.1.mlp.fc2.bias'")
+
+
+def test_checkpoint_lacking_a_trained_part_is_found_before_weights_load(tmp_path, in_fixture, capsys,
+                                                                          no_weights_loaded):
+    state = torch.load(FIXTURE / "data" / "finetune_lynx.pt", weights_only=True)
+    del state["model"]["LLM.model.layers.0.output_adapter.scaling"]
+    bad = tmp_path / "no_adapter.pt"
+    torch.save(state, bad)
+    assert run_main(fixture_config(checkpoint=str(bad)), tmp_path) == 1
+    assert one_line_error(capsys) == (
+        f"error: {bad}: missing 1 trained tensors, e.g. 'LLM.model.layers.0.output_adapter.scaling' (adapters) — "
+        f"is this a Lynx checkpoint for this config?")
