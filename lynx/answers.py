@@ -51,6 +51,21 @@ def read_partial(path: str) -> tuple[dict, dict]:
     return header, answers
 
 
+def other_settings_error(path: str) -> InputError:
+    return InputError(f"{path} holds answers of a run with other settings (weights, decoding, prompt, dtype or "
+                      f"data changed); pass --overwrite to discard them and start again")
+
+
+def write_lines_atomically(path: str, lines: list[str]) -> None:
+    """Replace `path` in one step: readers see the old file or the whole new one, never a part."""
+    tmp = path + ".tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write("".join(line + "\n" for line in lines))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
 def _append(path: str, lines: list[str]) -> None:
     if not lines:
         return
@@ -66,7 +81,6 @@ class AnswerStore:
         self.partial_path = f"{output_path}{suffix}.partial.jsonl"
         self.errors_path = f"{output_path}{suffix}.errors.jsonl"
         self.answers: dict[tuple, str] = {}
-        self.failed: dict[tuple, str] = {}
 
     # ---- before the model loads
     def check_writable(self, overwrite: bool) -> None:
@@ -83,26 +97,22 @@ class AnswerStore:
         """Refuse to resume a partial run made with other settings; cheap, so it can run before the model loads."""
         if overwrite or not os.path.exists(self.partial_path):
             return
-        header, _ = self._read_partial()
+        header, _ = read_partial(self.partial_path)
         if header.get("fingerprint") != run_fingerprint:
-            raise InputError(
-                f"{self.partial_path} holds answers of a run with other settings (weights, decoding, prompt, "
-                f"dtype or data changed); pass --overwrite to discard them and start again")
+            raise other_settings_error(self.partial_path)
 
     def open(self, run_fingerprint: str, overwrite: bool) -> int:
         """Start or resume. Returns how many answers a previous run left. Refuses a resume with other settings."""
         if os.path.exists(self.partial_path) and not overwrite:
-            self.check_resume(run_fingerprint, overwrite)
-            _, self.answers = self._read_partial()
+            header, self.answers = read_partial(self.partial_path)
+            if header.get("fingerprint") != run_fingerprint:
+                raise other_settings_error(self.partial_path)
         else:
             with open(self.partial_path, "w", encoding="utf-8") as f:
                 f.write(json.dumps({"fingerprint": run_fingerprint}) + "\n")
         if os.path.exists(self.errors_path):
             os.remove(self.errors_path)  # failed records are tried again
         return len(self.answers)
-
-    def _read_partial(self) -> tuple[dict, dict]:
-        return read_partial(self.partial_path)
 
     # ---- while running
     def is_done(self, record: Record) -> bool:
@@ -117,22 +127,15 @@ class AnswerStore:
         _append(self.partial_path, lines)
 
     def fail(self, record: Record, error: RecordError) -> None:
-        self.failed[record.key] = error.reason
-        media = error.path
         _append(self.errors_path, [json.dumps({"index": record.index, "file": record.path, "line": record.line,
-                                               "media": media, "reason": error.reason})])
+                                               "media": error.path, "reason": error.reason})])
 
     # ---- at the end
     def finish(self, records: list[Record]) -> int:
         """Write the final file in input order (atomically); keep the side file while any record is unanswered.
         Returns the number of records without an answer."""
         answered = [r for r in records if r.key in self.answers]
-        tmp = self.output_path + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as f:
-            f.write("".join(answer_line(r.index, self.answers[r.key]) + "\n" for r in answered))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self.output_path)
+        write_lines_atomically(self.output_path, [answer_line(r.index, self.answers[r.key]) for r in answered])
         missing = len(records) - len(answered)
         if missing == 0 and os.path.exists(self.partial_path):
             os.remove(self.partial_path)

@@ -26,7 +26,8 @@ from configs.schema import LynxConfig
 from dataset.batching import batches_by_media
 from dataset.errors import InputError
 from dataset.records import Record
-from lynx.answers import AnswerStore, read_partial
+from dataset.records import read_json_lines
+from lynx.answers import AnswerStore, other_settings_error, read_partial, write_lines_atomically
 from lynx.pipeline import check_device, default_device
 
 # How long a process waits at a meeting point for one that is alive but silent. Shares differ by at most a batch,
@@ -58,17 +59,7 @@ def _remove(paths) -> None:
 
 
 def _read_rows(path: str) -> list[dict]:
-    if not os.path.exists(path):
-        return []
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-def _write_rows(path: str, rows: list[dict]) -> None:
-    tmp = path + ".tmp"
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write("".join(json.dumps(row) + "\n" for row in rows))
-    os.replace(tmp, path)
+    return [row for _, row in read_json_lines(path)] if os.path.exists(path) else []
 
 
 def _cause(err: BaseException) -> str:
@@ -150,8 +141,7 @@ class Ranks:
         for path in self._others(store):
             header, _ = read_partial(path)
             if header and header.get("fingerprint") != run_fingerprint:  # no header yet: its process starts now
-                raise InputError(f"{path} holds answers of a run with other settings (weights, decoding, prompt, "
-                                 f"dtype or data changed); pass --overwrite to discard them and start again")
+                raise other_settings_error(path)
 
     def open(self, store: AnswerStore, run_fingerprint: str, overwrite: bool) -> int:
         """Start or resume this process's side file, take over the answers of the others it can see (check_resume
@@ -204,7 +194,7 @@ class Ranks:
             order = {(record.path, record.line): n for n, record in enumerate(records)}
             rows = sorted((row for _, part in parts for row in part), key=lambda row: order[row["file"], row["line"]])
             if rows:
-                _write_rows(whole.errors_path, rows)
+                write_lines_atomically(whole.errors_path, [json.dumps(row) for row in rows])
         self._meet(dist.broadcast_object_list, outcome)
         missing = outcome[0]
         _remove([store.errors_path])  # its rows are in the merged file now

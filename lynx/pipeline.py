@@ -47,6 +47,9 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".json")  # answer(): a path that is a video
+
+
 class LynxPipeline:
     def __init__(self, cfg: LynxConfig, model, tokenizer, device: str):
         self.cfg = cfg
@@ -96,8 +99,6 @@ class LynxPipeline:
         frames = load_video_frames(media, self.cfg.data.num_frames, self.cfg.data.frame_sampling)
         return pixels_of_frames(frames, self.transform)
 
-
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".json")
 
 
 def load_lemmatizer():

@@ -70,13 +70,13 @@ def build_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, LynxTokenize
     grid = cfg.image_res // cfg.vit_dims.patch_size
     # Check both files against the model's shapes before any weight loads: a bad file fails in seconds.
     skeleton = model_skeleton(cfg, tokenizer.vocab_size)
-    vision_weights(skeleton.vision_encoder.state_dict(), cfg.vit_checkpoint, grid)
+    vit_weights = vision_weights(skeleton.vision_encoder.state_dict(), cfg.vit_checkpoint, grid)
     lynx_state = read_lynx_checkpoint(cfg.checkpoint)
     check_lynx_state(skeleton.state_dict(), lynx_state, cfg.checkpoint)
     llm = load_llm(cfg, dtype)
     add_pad_rows(llm, tokenizer.vocab_size)
     model = Lynx(cfg, llm, vit_chunk=cfg.batch_size_test if str(device).startswith("cuda") else None)
-    reports = [load_vision_weights(model.vision_encoder, cfg.vit_checkpoint, grid)]
+    reports = [load_vision_weights(model.vision_encoder, cfg.vit_checkpoint, vit_weights)]
     log.info("%s: LLM loaded (%d layers, adapters on %s)", cfg.llm_dir, llm.config.num_hidden_layers,
              model.adapter_layers)
     reports.append(load_lynx_checkpoint(model, cfg.checkpoint, lynx_state))

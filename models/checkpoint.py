@@ -164,9 +164,9 @@ def vision_weights(own: dict, path: str, grid: int) -> tuple[dict, list[str]]:
     return selected, unused
 
 
-def load_vision_weights(vision_encoder: torch.nn.Module, path: str, grid: int) -> LoadReport:
-    """Load eva_vit_g.pth into the ViT; unused blocks and heads are reported as ignored."""
-    selected, unused = vision_weights(vision_encoder.state_dict(), path, grid)
+def load_vision_weights(vision_encoder: torch.nn.Module, path: str, weights: tuple[dict, list[str]]) -> LoadReport:
+    """Load `weights` (vision_weights of eva_vit_g.pth) into the ViT; unused blocks and heads are reported."""
+    selected, unused = weights
     report = LoadReport(path)
     _copy_into(vision_encoder, selected, report, prefix="vision_encoder.")
     report.ignored.extend(unused)
