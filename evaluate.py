@@ -14,7 +14,7 @@ import json
 import sys
 from pathlib import Path
 
-from dataset.errors import InputError
+from errors import InputError
 from scoring.human import export_csv, read_marks
 from scoring.judge import Judge, judge_records
 from scoring.mme import convert_mme, score_mme

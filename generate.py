@@ -13,7 +13,7 @@ import os
 import sys
 
 from configs.schema import load_config
-from dataset.errors import InputError
+from errors import InputError
 from dataset.records import read_test_files
 from lynx.answers import AnswerStore, file_stamp, fingerprint
 from lynx.distributed import Ranks

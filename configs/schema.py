@@ -13,7 +13,8 @@ from typing import Any
 
 import yaml
 
-from dataset.errors import InputError
+from configs.decoding import DecodingSettings
+from errors import InputError
 
 # Vision-encoder presets by the original's `vision_encoder` name. `vit:` in a config overrides any of these.
 VIT_PRESETS = {
@@ -22,7 +23,7 @@ VIT_PRESETS = {
 DTYPES = ("float32", "bfloat16", "float16")
 DECODERS = ("auto", "hf", "fast")
 VISION_KEYS = ("image", "video", "auto")
-FRAME_SAMPLINGS = ("uniform", "random")
+FRAME_SAMPLING = ("uniform", "random")
 
 
 @dataclass
@@ -182,13 +183,14 @@ def _validate(cfg: LynxConfig, where: str) -> LynxConfig:
         value = getattr(cfg, key)
         if value is not None and value not in choices:
             raise InputError(f"{where}: '{key}' must be one of {', '.join(choices)}; got {value!r}")
-    if cfg.data.frame_sampling not in FRAME_SAMPLINGS:
-        raise InputError(f"{where}: 'data.frame_sampling' must be one of {', '.join(FRAME_SAMPLINGS)}; "
+    if cfg.data.frame_sampling not in FRAME_SAMPLING:
+        raise InputError(f"{where}: 'data.frame_sampling' must be one of {', '.join(FRAME_SAMPLING)}; "
                          f"got {cfg.data.frame_sampling!r}")
     for key in ("batch_size_test", "max_new_tokens", "num_beams", "max_input_tokens", "adapter_freq",
                 "num_bridge_tokens", "bridge_depth", "image_res"):
         if getattr(cfg, key) < 1:
             raise InputError(f"{where}: '{key}' must be at least 1, got {getattr(cfg, key)}")
+    DecodingSettings.from_config(cfg).checked(where)
     if cfg.data.num_frames < 1:
         raise InputError(f"{where}: 'data.num_frames' must be at least 1, got {cfg.data.num_frames}")
     if not cfg.test_files or not all(isinstance(p, str) for p in cfg.test_files):

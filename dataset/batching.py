@@ -7,16 +7,20 @@ from __future__ import annotations
 
 import random
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import Dataset
 
 from configs.schema import LynxConfig
-from dataset.errors import RecordError
+from errors import RecordError
 from dataset.media import image_transform, open_image, pixels_of_frames
-from dataset.prompt import LynxTokenizer, format_prompt, pad_batch
+from dataset.prompt import format_prompt, pad_batch
 from dataset.records import Record
 from dataset.video import load_video_frames
+
+if TYPE_CHECKING:
+    from models.tokenizer import LynxTokenizer
 
 
 class LynxEvalDataset(Dataset):

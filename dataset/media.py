@@ -10,7 +10,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 from torchvision import transforms
 
-from dataset.errors import RecordError
+from errors import RecordError
 
 
 def image_transform(image_res: int, mean, std) -> transforms.Compose:

@@ -7,7 +7,7 @@ import os
 from dataclasses import dataclass
 from functools import cached_property
 
-from dataset.errors import InputError, RecordError
+from errors import InputError, RecordError
 
 MEDIA_KINDS = ("image", "video")
 

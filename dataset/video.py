@@ -18,9 +18,8 @@ import re
 
 from PIL import Image, UnidentifiedImageError
 
-from dataset.errors import RecordError
-
-FRAME_SAMPLING = ("uniform", "random")
+from configs.schema import FRAME_SAMPLING
+from errors import RecordError
 
 
 def _segment_lengths(num_source_frames, num_frames):

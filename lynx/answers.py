@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 
-from dataset.errors import InputError, RecordError
+from errors import InputError, RecordError
 from dataset.records import Record
 
 

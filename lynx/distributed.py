@@ -24,7 +24,7 @@ import torch.distributed as dist
 
 from configs.schema import LynxConfig
 from dataset.batching import batches_by_media
-from dataset.errors import InputError
+from errors import InputError
 from dataset.records import Record
 from dataset.records import read_json_lines
 from lynx.answers import AnswerStore, other_settings_error, read_partial, write_lines_atomically

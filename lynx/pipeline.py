@@ -14,13 +14,14 @@ from PIL import Image
 
 from configs.schema import LynxConfig, load_config
 from dataset.batching import Batch, Collator
-from dataset.errors import InputError
+from errors import InputError
 from dataset.media import image_transform, open_image, pixels_of_frames
 from dataset.prompt import format_prompt
 from dataset.video import load_video_frames
+from configs.decoding import DecodingSettings
 from models.build import build_lynx
 from models.decoding import generation_config
-from models.fast_generate import fast_decoder_for
+from models.fast_generate import UnsupportedOptions, fast_decoder_for
 
 
 def default_device() -> str:
@@ -56,7 +57,8 @@ class LynxPipeline:
         self.model = model
         self.tokenizer = tokenizer
         self.device = device
-        self.generation_config = generation_config(cfg, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+        self.settings = DecodingSettings.from_config(cfg)
+        self.generation_config = self._generation_config(self.settings)
         self.fast = fast_decoder_for(model, cfg, device, self.generation_config)  # None: transformers' generate
         self.collate = Collator(tokenizer.pad_id, cfg.use_left_pad)
         self.transform = image_transform(cfg.image_res, cfg.image_mean, cfg.image_std)
@@ -69,16 +71,31 @@ class LynxPipeline:
         model, tokenizer = build_lynx(cfg, device)
         return cls(cfg, model, tokenizer, device)
 
-    def answer_batch(self, batch: Batch, visual: torch.Tensor | None = None) -> list[str]:
-        """Answers for the usable rows of a collated batch, in row order (`visual`: its prefix, if computed)."""
-        ids = self.model.generate(batch.pixel_values, batch.input_ids, batch.attention_mask, self.generation_config,
-                                  fast=self.fast, visual=visual)
+    def _generation_config(self, settings: DecodingSettings):
+        return generation_config(settings, self.tokenizer.pad_id, self.tokenizer.bos_id, self.tokenizer.eos_id)
+
+    def answer_batch(self, batch: Batch, visual: torch.Tensor | None = None,
+                     settings: DecodingSettings | None = None) -> list[str]:
+        """Answers for the usable rows of a collated batch, in row order (`visual`: its prefix, if computed).
+        `settings`: decoding for this call (default: the config's)."""
+        gen, fast = self.generation_config, self.fast
+        if settings is not None and settings != self.settings:
+            gen = self._generation_config(settings.checked())
+            if fast is not None:
+                try:
+                    fast.resolve(gen)
+                except UnsupportedOptions:
+                    fast = None
+        ids = self.model.generate(batch.pixel_values, batch.input_ids, batch.attention_mask, gen, fast=fast,
+                                  visual=visual)
         answers = [self.tokenizer.decode(row) for row in ids.tolist()]
         return [lemmatize(self.lemmatizer, a) for a in answers] if self.lemmatizer else answers
 
-    def answer(self, pairs, **fields) -> list[str]:
+    def answer(self, pairs, settings: DecodingSettings | None = None, **fields) -> list[str]:
         """Answer [(media, question), ...]. Media: an image path, a PIL image, a base64 image, a video path, or a
-        list of frames (PIL images or base64 strings). Extra `fields` fill other placeholders of the prompt."""
+        list of frames (PIL images or base64 strings). `settings`: decoding for this call (default: the config's,
+        e.g. `lynx.settings.replace(num_beams=1, use_nucleus_sampling=False)` for greedy). Extra `fields` fill other
+        placeholders of the prompt."""
         items = []
         for media, question in pairs:
             text = format_prompt(self.cfg.prompt, {**fields, "question": question}, self.cfg.lower_text)
@@ -87,7 +104,7 @@ class LynxPipeline:
         kinds = {item["pixel_values"].ndim for item in items}
         if len(kinds) > 1:
             raise ValueError("answer() takes either images or videos in one call, not both")
-        return self.answer_batch(self.collate(items))
+        return self.answer_batch(self.collate(items), settings=settings)
 
     def _pixels(self, media) -> torch.Tensor:
         if isinstance(media, Image.Image):

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset.batching import Batch, LynxEvalDataset, batches_by_media
-from dataset.errors import RecordError
+from errors import RecordError
 from dataset.records import Record
 from lynx.answers import AnswerStore
 from lynx.pipeline import LynxPipeline

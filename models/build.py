@@ -7,15 +7,15 @@ import os
 import torch
 from transformers import AutoConfig
 
-from configs.schema import LynxConfig
-from dataset.errors import InputError
-from dataset.prompt import LynxTokenizer
+from configs.schema import DTYPES, LynxConfig
+from errors import InputError
+from models.tokenizer import LynxTokenizer
 from models.checkpoint import (WEIGHT_SOURCES, check_lynx_state, load_lynx_checkpoint, load_vision_weights,
                                read_lynx_checkpoint, vision_weights)
 from models.lynx import Lynx, LynxLlamaForCausalLM
 
 log = logging.getLogger("lynx")
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
 def check_weight_files(cfg: LynxConfig) -> None:
@@ -65,7 +65,7 @@ def model_skeleton(cfg: LynxConfig, vocab_size: int) -> Lynx:
 def build_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, LynxTokenizer]:
     """The model in eval mode on `device` in the config's dtype, and its tokenizer. Prints a load report."""
     check_weight_files(cfg)
-    dtype = DTYPES[cfg.resolve_dtype(device)]
+    dtype = TORCH_DTYPES[cfg.resolve_dtype(device)]
     tokenizer = LynxTokenizer(os.path.join(cfg.llm_dir, "tokenizer.model"))
     grid = cfg.image_res // cfg.vit_dims.patch_size
     # Check both files against the model's shapes before any weight loads: a bad file fails in seconds.

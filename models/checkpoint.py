@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from dataset.errors import InputError
+from errors import InputError
 from models.vision_encoder import eva_state_dict_for, fuse_split_qkv
 
 # Where each released file comes from, for "file missing" messages.
@@ -190,10 +190,12 @@ def check_lynx_state(own: dict, state: dict, path: str) -> None:
 
 def load_lynx_checkpoint(model: torch.nn.Module, path: str, state: dict | None = None) -> LoadReport:
     """Load a Lynx checkpoint (trained parts only, or the whole model) on top of the ViT and LLM weights.
-    `state`: the checkpoint as read_lynx_checkpoint returned it, when it was read already."""
-    state = read_lynx_checkpoint(path) if state is None else state
+    `state`: the checkpoint as read_lynx_checkpoint returned it and check_lynx_state passed, when that happened
+    already (before the model was built); otherwise the file is read and checked here."""
     own = model.state_dict()
-    check_lynx_state(own, state, path)
+    if state is None:
+        state = read_lynx_checkpoint(path)
+        check_lynx_state(own, state, path)
     report = LoadReport(path)
     _copy_into(model, state, report)
     for key in own:

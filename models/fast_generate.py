@@ -434,6 +434,10 @@ class FastGenerator:
         self.check_every = max(1, check_every)
         self.workspace: Workspace | None = None
 
+    def resolve(self, generation_config: GenerationConfig) -> SearchSettings:
+        """The search settings of a generation config; UnsupportedOptions for what only `generate` does."""
+        return SearchSettings.resolve(self.llm, generation_config)
+
     @torch.inference_mode()
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, generation_config: GenerationConfig,
                  generator: torch.Generator | None = None) -> torch.Tensor:

@@ -2,7 +2,7 @@
 
 import csv
 
-from dataset.errors import InputError
+from errors import InputError
 from scoring.records import index_key
 
 COLUMNS = ("dataset", "index", "class", "question", "gold_answers", "prediction", "correct")

@@ -15,7 +15,7 @@ import urllib.request
 from dataclasses import dataclass
 from pathlib import Path
 
-from dataset.errors import InputError
+from errors import InputError
 from dataset.records import read_json_lines
 from scoring.records import index_key
 

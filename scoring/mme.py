@@ -7,7 +7,7 @@ its questions right), each in percent, so at most 200; perception and cognition 
 import json
 from pathlib import Path
 
-from dataset.errors import InputError
+from errors import InputError
 
 PERCEPTION = ("existence", "count", "position", "color", "posters", "celebrity", "scene", "landmark",
               "artwork", "OCR")

@@ -3,7 +3,7 @@
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dataset.errors import InputError
+from errors import InputError
 from dataset.records import read_json_lines
 
 

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 from conftest import FIXTURE, build_tiny_lynx
-from dataset.errors import InputError
+from errors import InputError
 from models.checkpoint import clean_lynx_state, load_lynx_checkpoint, read_state_file, strip_key_prefix
 
 DATA = FIXTURE / "data"

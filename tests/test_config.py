@@ -7,7 +7,7 @@ import yaml
 
 from configs.schema import LynxConfig, config_from_dict, load_config, parse_override
 from conftest import FIXTURE, ROOT
-from dataset.errors import InputError
+from errors import InputError
 
 # The released LYNX.yaml's keys and values.
 ORIGINAL = {

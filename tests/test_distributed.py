@@ -21,7 +21,7 @@ import yaml
 
 import generate
 from configs.schema import load_config
-from dataset.errors import InputError
+from errors import InputError
 from dataset.records import read_test_files
 from lynx.answers import AnswerStore
 from lynx.distributed import Ranks

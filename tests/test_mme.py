@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 import evaluate
-from dataset.errors import InputError
+from errors import InputError
 from scoring.mme import convert_mme, mme_reply
 
 REPO = Path(__file__).resolve().parent.parent

@@ -5,8 +5,9 @@ import pytest
 import torch
 
 from conftest import FIXTURE
-from dataset.errors import RecordError
-from dataset.prompt import LynxTokenizer, format_prompt, pad_batch
+from errors import RecordError
+from dataset.prompt import format_prompt, pad_batch
+from models.tokenizer import LynxTokenizer
 
 TEMPLATE = "User: {question}\nBot:"
 

@@ -14,7 +14,7 @@ from PIL import Image
 from safetensors.torch import load_file
 from torchvision import transforms
 
-from dataset.errors import RecordError
+from errors import RecordError
 from dataset.video import FRAME_SAMPLING, load_video_frames, sample_frame_indices
 from tests.video_helpers import frame_colour, write_test_video
 

@@ -1,0 +1,72 @@
+"""Decoding as a value: built from the config, varied per call, checked with one clear line."""
+import pickle
+
+import pytest
+
+from conftest import FIXTURE, build_tiny_lynx, fixture_config, read_jsonl
+from configs.decoding import DecodingSettings
+from configs.schema import config_from_dict
+from errors import InputError, RecordError
+
+
+def config_settings(**keys) -> DecodingSettings:
+    return DecodingSettings.from_config(config_from_dict(fixture_config(**keys)))
+
+
+def test_settings_carry_the_config_values():
+    s = config_settings(num_beams=3, top_k=7, use_nucleus_sampling=False, min_length=4)
+    assert (s.num_beams, s.top_k, s.do_sample, s.min_length) == (3, 7, False, 4)
+    assert hash(s) == hash(config_settings(num_beams=3, top_k=7, use_nucleus_sampling=False, min_length=4))
+
+
+@pytest.mark.parametrize("key, value, message", [
+    ("temperature", 0.0, "'temperature' must be a number greater than 0 when sampling"),
+    ("temperature", -1.0, "'temperature' must be a number greater than 0 when sampling"),
+    ("top_p", 2.0, "'top_p' must be greater than 0 and at most 1, got 2.0"),
+    ("top_k", -1, "'top_k' must be 0 (no top-k) or more, got -1"),
+    ("no_repeat_ngram_size", -1, "'no_repeat_ngram_size' must be 0 (off) or more, got -1"),
+    ("repetition_penalty", 0.0, "'repetition_penalty' must be a number greater than 0, got 0.0"),
+    ("min_length", 30, "'min_length' must be between 0 and max_new_tokens + 1 = 25"),
+    ("num_beams", 0, "'num_beams' must be at least 1, got 0"),
+])
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(key, value, message):
+    base = config_settings(max_new_tokens=24, use_nucleus_sampling=True)
+    with pytest.raises(InputError) as err:
+        base.replace(**{key: value})
+    assert str(err.value).startswith(f"decoding: {message}")
+    with pytest.raises(InputError) as err:  # the same check when the config is read
+        config_from_dict(fixture_config(max_new_tokens=24, use_nucleus_sampling=True, **{key: value}), where="c.yaml")
+    assert str(err.value).startswith(f"c.yaml: {message}")
+
+
+def test_temperature_zero_is_fine_without_sampling():
+    assert config_settings(use_nucleus_sampling=False, temperature=0.0).temperature == 0.0
+
+
+def test_unknown_key_is_refused():
+    with pytest.raises(InputError, match="unknown decoding key 'beams'"):
+        config_settings().replace(beams=2)
+
+
+def test_record_error_survives_pickling():
+    """DataLoader workers and ranks send errors to the main process as pickles."""
+    error = pickle.loads(pickle.dumps(RecordError(17, "image file not found", "images/x.jpg")))
+    assert (error.index, error.reason, error.path) == (17, "image file not found", "images/x.jpg")
+    assert str(error) == "record 17 (images/x.jpg): image file not found"
+
+
+def test_per_call_settings_change_the_decoding(monkeypatch):
+    """A pipeline built with beam sampling answers with greedy search when a call asks for it."""
+    from lynx.pipeline import LynxPipeline
+
+    cfg, model, tokenizer = build_tiny_lynx(num_beams=5, use_nucleus_sampling=True, max_new_tokens=24)
+    lynx = LynxPipeline(cfg, model, tokenizer, "cpu")
+    monkeypatch.chdir(FIXTURE)
+    records = read_jsonl(FIXTURE / "data" / "Open_VQA_images_tiny.jsonl")[:3]
+    pairs = [(r["image"], r["question"]) for r in records]
+    expected = {row["index"]: row["text_output"] for row in read_jsonl(FIXTURE / "expected" / "images_greedy.jsonl")}
+    greedy = lynx.settings.replace(num_beams=1, use_nucleus_sampling=False)
+    assert lynx.answer(pairs, settings=greedy) == [expected[r["index"]] for r in records]
+    beam = {row["index"]: row["text_output"] for row in read_jsonl(FIXTURE / "expected" / "images_beam5.jsonl")}
+    assert lynx.answer(pairs, settings=lynx.settings.replace(use_nucleus_sampling=False)) == \
+        [beam[r["index"]] for r in records]
