@@ -58,7 +58,8 @@ class DataConfig:
 
 @dataclass
 class LynxConfig:
-    """Every key of the original LYNX.yaml with its default, then the additions (documented in README)."""
+    """Every key of the original LYNX.yaml with LYNX.yaml's value as default, then the additions (README). For a
+    few keys a YAML without them got another value from the original's code (README, Configuration)."""
 
     # -- Data
     image_rdir: str = "./images/"  # read but unused, as in the original: media paths are relative to the cwd

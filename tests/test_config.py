@@ -9,7 +9,7 @@ import yaml
 
 from configs.decoding import DecodingSettings
 from configs.schema import DataConfig, LynxConfig, VitConfig, config_from_dict, load_config, parse_override
-from conftest import FIXTURE, ROOT, fixture_config, run_generate
+from conftest import FIXTURE, ROOT, fixture_config
 from errors import InputError
 
 # The released LYNX.yaml's keys and values.
@@ -246,18 +246,6 @@ def test_every_key_is_checked():
     assert unchecked == set()
 
 
-def test_num_workers_minus_one_stops_generate_before_the_model_loads(tmp_path):
-    """The shipped config with one bad value: exit 1, one line, nothing written (no model was loaded)."""
-    output = tmp_path / "out.jsonl"
-    proc = subprocess.run([sys.executable, "generate.py", "--config", "configs/LYNX.yaml", "--output_path", str(output),
-                           "--device", "cpu", "--set", "data.num_workers=-1"],
-                          cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == ("error: configs/LYNX.yaml: 'data.num_workers' must be 0 (read media "
-                                                    "in the main process) or more, got -1")
-    assert list(tmp_path.iterdir()) == []
-
-
 # ---------------------------------------------------------------- the prompt template, checked once at start
 
 @pytest.mark.parametrize("prompt, problem", [
@@ -289,13 +277,34 @@ def test_templates_that_some_record_can_fill_are_accepted(prompt):
     assert config_from_dict({"prompt": prompt}).prompt == prompt
 
 
-def test_a_broken_prompt_stops_generate_once_before_the_model_loads(tmp_path):
-    proc = run_generate(fixture_config(prompt="User: {question\nBot:"), tmp_path)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1] == (
-        f"error: {tmp_path / 'config.yaml'}: 'prompt' is not a valid template (unmatched '{{' in format spec; a "
-        f"literal brace is written {{{{ or }}}}): 'User: {{question\\nBot:'")
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.yaml"]
+@pytest.mark.parametrize("override, message", [
+    ("data.num_workers=-1", "configs/LYNX.yaml: 'data.num_workers' must be 0 (read media in the main process) or "
+                            "more, got -1"),
+    ("temperature=0", "configs/LYNX.yaml: 'temperature' must be a number greater than 0 when sampling "
+                      "(use_nucleus_sampling: true), got 0.0"),
+    ("prompt=User: {question", "configs/LYNX.yaml: 'prompt' is not a valid template (expected '}' before end of "
+                               "string; a literal brace is written {{ or }}): 'User: {question'"),
+    ("prompt=User: {question}\\nBot:", "--set 'prompt=User: {question}\\\\nBot:': a value without quotes is taken as "
+                                       "written, so its backslash would stay a backslash; quote it as YAML: \"...\" "
+                                       "reads \\n as a line break, '...' keeps backslashes"),
+])
+def test_generate_with_the_shipped_config_stops_before_the_model_loads(tmp_path, monkeypatch, capsys, override,
+                                                                       message):
+    """configs/LYNX.yaml (num_workers 4, decoder auto) with one bad value: exit 1, one line, nothing written."""
+    import generate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(generate.LynxPipeline, "from_config", refuse)
+    monkeypatch.chdir(ROOT)
+    output = tmp_path / "out.jsonl"
+    status = generate.main(["--config", "configs/LYNX.yaml", "--output_path", str(output), "--device", "cpu",
+                            "--set", override])
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [f"error: {message}"]
+    assert list(tmp_path.iterdir()) == []
 
 
 # ---------------------------------------------------------------- what the original accepted
