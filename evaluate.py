@@ -43,10 +43,16 @@ def score_records(sets, scoring, judge=None, human_csv=None):
     return {}
 
 
+def scored_sets(answers_paths, annotation_paths, scoring="rule", judge=None, human_csv=None):
+    """(sets, report): answers joined with annotations and scored. Files that share no index are an error; few
+    shared indices are listed under the report's "warnings"."""
+    sets, extra = join(answers_paths, annotation_paths)
+    return sets, build_report(sets, extra, scoring, score_records(sets, scoring, judge, human_csv))
+
+
 def evaluate(answers_paths, annotation_paths, scoring="rule", judge=None, human_csv=None):
     """Join answers with annotations, score them, and return the JSON report (a dict)."""
-    sets, extra = join(answers_paths, annotation_paths)
-    return build_report(sets, extra, scoring, score_records(sets, scoring, judge, human_csv))
+    return scored_sets(answers_paths, annotation_paths, scoring, judge, human_csv)[1]
 
 
 def default_judge_cache(answers_path):
@@ -106,8 +112,9 @@ def run(args, parser):
             parser.error("--judge needs --judge-model")
         judge = Judge(url=args.judge_url, model=args.judge_model, timeout_s=args.judge_timeout,
                       cache_path=Path(args.judge_cache or default_judge_cache(args.answers[0])))
-    sets, extra = join(args.answers, args.annotations)
-    report = build_report(sets, extra, scoring, score_records(sets, scoring, judge, args.human_csv))
+    sets, report = scored_sets(args.answers, args.annotations, scoring, judge, args.human_csv)
+    for line in report["warnings"]:
+        print(f"warning: {line}", file=sys.stderr)
     markdown = render_markdown(report)
     print(markdown)
     if judge:

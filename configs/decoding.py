@@ -13,6 +13,10 @@ from dataclasses import dataclass
 from errors import InputError
 
 
+_INTEGERS = ("max_new_tokens", "min_length", "num_beams", "top_k", "no_repeat_ngram_size")
+_NUMBERS = ("temperature", "top_p", "length_penalty", "repetition_penalty")
+
+
 @dataclass(frozen=True)
 class DecodingSettings:
     """Frozen and hashable: a decoder resolves each distinct value once. Built from a config (`from_config`), then
@@ -54,6 +58,16 @@ class DecodingSettings:
 
     def problem(self) -> str | None:
         """What is wrong with these settings, in one line, or None."""
+        for name in _INTEGERS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool):
+                return f"'{name}' must be an integer, got {value!r}"
+        for name in _NUMBERS:
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or isinstance(value, bool):
+                return f"'{name}' must be a number, got {value!r}"
+        if not isinstance(self.use_nucleus_sampling, bool):
+            return f"'use_nucleus_sampling' must be true or false, got {self.use_nucleus_sampling!r}"
         if self.max_new_tokens < 1:
             return f"'max_new_tokens' must be at least 1, got {self.max_new_tokens}"
         if self.num_beams < 1:

@@ -1,12 +1,15 @@
-"""The config schema: the original LYNX.yaml keys (same names, same defaults) plus a few documented additions.
+"""The config schema: the original LYNX.yaml keys (same names, LYNX.yaml's values as defaults) plus a few
+documented additions.
 
-A config is read once, checked once (unknown keys get the closest known key, wrong types name the key) and
-handed onward as a `LynxConfig`. Nothing below re-reads raw dicts.
+A config is read once and every value is checked once, before anything heavy loads: an unknown key gets the
+closest known key, a wrong type or value is one line naming the key, the value and what is allowed, and the prompt
+template is checked as a template. The result is handed onward as a `LynxConfig`; nothing below re-reads raw dicts.
 """
 from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import os
 from dataclasses import dataclass, field
 from typing import Any
@@ -14,6 +17,7 @@ from typing import Any
 import yaml
 
 from configs.decoding import DecodingSettings
+from configs.template import prompt_problem
 from errors import InputError
 
 # Vision-encoder presets by the original's `vision_encoder` name. `vit:` in a config overrides any of these.
@@ -24,6 +28,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 DECODERS = ("auto", "hf", "fast")
 VISION_KEYS = ("image", "video", "auto")
 FRAME_SAMPLING = ("uniform", "random")
+# Keys of the original's configs that only training reads: accepted and checked, then dropped (they change no
+# answer, so they are not part of a run's settings).
+TRAINING_KEYS = ("drop_path_rate", "label_smoothing")
 
 
 @dataclass
@@ -51,11 +58,12 @@ class DataConfig:
 
 @dataclass
 class LynxConfig:
-    """Every key of the original LYNX.yaml with its default, then the additions (documented in README)."""
+    """Every key of the original LYNX.yaml with LYNX.yaml's value as default, then the additions (README). For a
+    few keys a YAML without them got another value from the original's code (README, Configuration)."""
 
     # -- Data
     image_rdir: str = "./images/"  # read but unused, as in the original: media paths are relative to the cwd
-    test_files: list = field(default_factory=lambda: ["./data/Open_VQA_images.jsonl"])
+    test_files: list = field(default_factory=lambda: ["./data/Open_VQA_images.jsonl"])  # a single path is a list of one
     prompt: str = "User: {question}\nBot:"
     vision_prompt_dict: str = "image"  # record key holding the media: image | video | auto (per record)
     output_prompt_dict: str = "answer"
@@ -82,7 +90,7 @@ class LynxConfig:
     # -- Testing
     checkpoint: str = "./data/finetune_lynx.pt"
     # -- Inference
-    max_input_tokens: int = 40
+    max_input_tokens: int = 40  # keep the last N prompt ids; 0 or less: keep all (stored as 0), as the original
     batch_size_test: int = 16
     max_new_tokens: int = 64
     min_length: int = 2
@@ -128,6 +136,7 @@ class LynxConfig:
 _SECTIONS = {"data": DataConfig, "vit": VitConfig}
 # Keys whose default is None, with the type a value must have.
 _OPTIONAL_TYPES = {"dtype": str, "llm_path": str}
+_TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
 _CHOICES = {
     "dtype": DTYPES,
     "decoder": DECODERS,
@@ -135,7 +144,47 @@ _CHOICES = {
     "vision_encoder": tuple(VIT_PRESETS),
     "video_encoding": ("concate",),
     "bridge": ("resampler",),
+    "data.frame_sampling": FRAME_SAMPLING,
 }
+
+
+def _at_least(low: int):
+    return (lambda value: value >= low), f"at least {low}"
+
+
+def _path(value) -> bool:
+    return isinstance(value, str) and value.strip() != ""
+
+
+def _numbers(value, positive: bool = False) -> bool:
+    return (len(value) == 3 and all(isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+                                    and (v > 0 or not positive) for v in value))
+
+
+# (dotted key, test, what is allowed) for every key whose type alone does not say enough. Booleans need nothing
+# more; the decoding keys are checked by DecodingSettings; choices above; the prompt by prompt_problem.
+_RULES = [
+    ("test_files", lambda v: len(v) > 0 and all(_path(p) for p in v), "a path or a non-empty list of paths"),
+    ("output_prompt_dict", _path, "a non-empty string"),
+    ("LLM", _path, "a non-empty name (the folder ./data/<LLM> unless llm_path is set)"),
+    ("checkpoint", _path, "a non-empty path"),
+    ("vit_checkpoint", _path, "a non-empty path"),
+    ("llm_path", _path, "null or a non-empty path"),
+    ("data.num_frames", *_at_least(1)),
+    ("data.num_workers", lambda v: v >= 0, "0 (read media in the main process) or more"),
+    ("adapter_freq", *_at_least(1)),
+    ("bridge_depth", *_at_least(1)),
+    ("num_bridge_tokens", *_at_least(1)),
+    ("image_res", *_at_least(1)),
+    ("batch_size_test", *_at_least(1)),
+    ("image_mean", _numbers, "a list of 3 numbers"),
+    ("image_std", lambda v: _numbers(v, positive=True), "a list of 3 numbers greater than 0"),
+    ("vit.embed_dim", *_at_least(1)),
+    ("vit.depth", *_at_least(1)),
+    ("vit.num_heads", *_at_least(1)),
+    ("vit.mlp_ratio", lambda v: math.isfinite(v) and v > 0, "a number greater than 0"),
+    ("vit.patch_size", *_at_least(1)),
+]
 
 
 def _closest(name: str, known) -> str:
@@ -146,19 +195,27 @@ def _closest(name: str, known) -> str:
 def _check_type(key: str, value: Any, expected: type, where: str):
     if expected is float and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
-    if expected is int and isinstance(value, bool):
-        raise InputError(f"{where}: '{key}' must be an integer, got {value!r}")
-    if not isinstance(value, expected):
-        raise InputError(f"{where}: '{key}' must be {expected.__name__}, got {value!r}")
+    if not isinstance(value, expected) or (isinstance(value, bool) and expected is not bool):
+        raise InputError(f"{where}: '{key}' must be {_TYPE_NAMES[expected]}, got {value!r}")
     return value
+
+
+def _check_training_key(key: str, value: Any, where: str) -> None:
+    value = _check_type(key, value, float, where)
+    if not 0 <= value <= 1:
+        raise InputError(f"{where}: '{key}' must be a number from 0 to 1 (read, unused at inference), got {value!r}")
 
 
 def _build(cls, raw: dict, where: str, prefix: str = ""):
     known = {f.name: f for f in dataclasses.fields(cls)}
+    extra = TRAINING_KEYS if cls is LynxConfig else ()
     values = {}
     for key, value in raw.items():
+        if key in extra:
+            _check_training_key(key, value, where)
+            continue
         if key not in known:
-            raise InputError(f"{where}: unknown config key '{prefix}{key}'{_closest(key, known)}")
+            raise InputError(f"{where}: unknown config key '{prefix}{key}'{_closest(key, [*known, *extra])}")
         if key in _SECTIONS:
             if value is None and key == "vit":
                 values[key] = None
@@ -173,38 +230,49 @@ def _build(cls, raw: dict, where: str, prefix: str = ""):
         if value is None and default is None:
             values[key] = None
             continue
+        if key == "test_files" and isinstance(value, str):
+            value = [value]  # the original took one path as well as a list
         expected = _OPTIONAL_TYPES.get(key, type(default))
         values[key] = _check_type(prefix + key, value, expected, where)
     return cls(**values)
 
 
+def _value(cfg: LynxConfig, dotted: str):
+    """The value at a dotted key; None where the section itself is unset (`vit: null`)."""
+    value = cfg
+    for key in dotted.split("."):
+        if value is None:
+            return None
+        value = getattr(value, key)
+    return value
+
+
 def _validate(cfg: LynxConfig, where: str) -> LynxConfig:
     for key, choices in _CHOICES.items():
-        value = getattr(cfg, key)
+        value = _value(cfg, key)
         if value is not None and value not in choices:
-            raise InputError(f"{where}: '{key}' must be one of {', '.join(choices)}; got {value!r}")
-    if cfg.data.frame_sampling not in FRAME_SAMPLING:
-        raise InputError(f"{where}: 'data.frame_sampling' must be one of {', '.join(FRAME_SAMPLING)}; "
-                         f"got {cfg.data.frame_sampling!r}")
-    for key in ("batch_size_test", "max_new_tokens", "num_beams", "max_input_tokens", "adapter_freq",
-                "num_bridge_tokens", "bridge_depth", "image_res"):
-        if getattr(cfg, key) < 1:
-            raise InputError(f"{where}: '{key}' must be at least 1, got {getattr(cfg, key)}")
-    DecodingSettings.from_config(cfg).checked(where)
-    if cfg.data.num_frames < 1:
-        raise InputError(f"{where}: 'data.num_frames' must be at least 1, got {cfg.data.num_frames}")
-    if not cfg.test_files or not all(isinstance(p, str) for p in cfg.test_files):
-        raise InputError(f"{where}: 'test_files' must be a non-empty list of paths")
-    if len(cfg.image_mean) != 3 or len(cfg.image_std) != 3:
-        raise InputError(f"{where}: 'image_mean' and 'image_std' must hold 3 numbers each")
-    if cfg.image_res % cfg.vit_dims.patch_size:
+            raise InputError(f"{where}: '{key}' must be one of {', '.join(choices)}, got {value!r}")
+    for key, test, allowed in _RULES:
+        value = _value(cfg, key)
+        if value is not None and not test(value):  # None: an optional key unset, or `vit: null`
+            raise InputError(f"{where}: '{key}' must be {allowed}, got {value!r}")
+    dims = cfg.vit_dims
+    if dims.embed_dim % dims.num_heads:
+        raise InputError(f"{where}: 'vit.embed_dim' {dims.embed_dim} must be divisible by 'vit.num_heads' "
+                         f"{dims.num_heads}")
+    if cfg.image_res % dims.patch_size:
         raise InputError(f"{where}: 'image_res' {cfg.image_res} is not a multiple of the patch size "
-                         f"{cfg.vit_dims.patch_size}")
+                         f"{dims.patch_size}")
+    problem = prompt_problem(cfg.prompt)
+    if problem:
+        raise InputError(f"{where}: 'prompt' {problem}: {cfg.prompt!r}")
+    DecodingSettings.from_config(cfg).checked(where)
+    cfg.max_input_tokens = max(cfg.max_input_tokens, 0)  # 0 = no truncation, however it was written
     return cfg
 
 
 def _is_text_key(keys: list[str]) -> bool:
-    """Whether a (dotted) key holds a string, so that its override is taken literally ('Q: {question}')."""
+    """Whether a (dotted) key holds a string (`prompt`, `checkpoint`, `data.frame_sampling`, ...)."""
     cls = LynxConfig
     for key in keys[:-1]:
         cls = _SECTIONS.get(key)
@@ -215,15 +283,42 @@ def _is_text_key(keys: list[str]) -> bool:
     return f is not None and (_OPTIONAL_TYPES.get(f.name) is str or isinstance(f.default, str))
 
 
+def _text_value(text: str, value: str):
+    """A text key's `--set` value: one quoted YAML string is read as YAML ('"User: {question}\\nBot:"' holds a line
+    break, as in LYNX.yaml); anything else is taken exactly as written. What YAML and the text would read apart is
+    refused: a backslash in an unquoted value, a line break inside quotes (YAML folds it), text after the quotes."""
+    stripped = value.strip()
+    if stripped in ("null", "~"):
+        return None
+    if stripped[:1] not in ("'", '"'):
+        if "\\" in value:
+            raise InputError(f"--set {text!r}: a value without quotes is taken as written, so its backslash would stay "
+                             f"a backslash; quote it as YAML: \"...\" reads \\n as a line break, '...' keeps backslashes")
+        return value
+    if "\n" in stripped:
+        raise InputError(f"--set {text!r}: a quoted value may not span lines (YAML would fold the line break into a "
+                         f"space); write the line break as \\n inside double quotes")
+    try:
+        node = yaml.compose(stripped)
+    except yaml.YAMLError as err:
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise InputError(f"--set {text!r}: a value that starts with a quote is read as a quoted YAML string, and this "
+                         f"one is not ({problem})") from None
+    if not isinstance(node, yaml.ScalarNode) or node.style not in ("'", '"') or node.end_mark.index != len(stripped):
+        raise InputError(f"--set {text!r}: a value that starts with a quote must be one quoted YAML string, with "
+                         f"nothing after it")
+    return node.value
+
+
 def parse_override(text: str) -> tuple[list[str], Any]:
     """'data.num_frames=8' -> (['data', 'num_frames'], 8). Values are read as YAML ('true', '[a, b]', '-2.0'),
-    except for text keys such as `prompt`, whose value is taken as written."""
+    except for text keys such as `prompt` (see _text_value)."""
     if "=" not in text:
         raise InputError(f"--set {text!r}: expected key=value")
     key, value = text.split("=", 1)
     keys = key.strip().split(".")
-    if _is_text_key(keys) and value.strip() not in ("null", "~"):
-        return keys, value
+    if _is_text_key(keys):
+        return keys, _text_value(text, value)
     try:
         parsed = yaml.safe_load(value) if value.strip() else ""
     except yaml.YAMLError as err:

@@ -73,20 +73,48 @@ def read_json_lines(path) -> list[tuple[int, dict]]:
     return rows
 
 
+def index_key(index) -> str:
+    """What makes two indices the same: their text, so `1` and `"1"` are one index. generate.py refuses them as a
+    duplicate in one test file, and evaluate.py pairs an answer `"1"` with the record `1`."""
+    return str(index)
+
+
+def checked_index(row: dict, where: str):
+    """The row's `index`, or InputError at `where` (file:line) when it is missing or neither integer nor string."""
+    if "index" not in row:
+        raise InputError(f"{where}: record has no 'index'")
+    index = row["index"]
+    if not isinstance(index, (int, str)) or isinstance(index, bool):
+        raise InputError(f"{where}: 'index' must be an integer or a string, got {index!r}")
+    return index
+
+
+class IndexBook:
+    """The indices met so far and where (test files, annotations, answers alike): a second one is an error naming
+    both places."""
+
+    def __init__(self):
+        self.first: dict[str, tuple] = {}  # index_key -> (index, path, line)
+
+    def add(self, index, path, line: int) -> str:
+        """Note `index` at path:line and return its key; InputError if an index with the same key came before."""
+        key = index_key(index)
+        if key in self.first:
+            first_index, first_path, first_line = self.first[key]
+            place = f"line {first_line}" if str(first_path) == str(path) else f"{first_path}:{first_line}"
+            written = "" if repr(first_index) == repr(index) else f", written {first_index!r}"
+            raise InputError(f"{path}:{line}: duplicate index {index!r} (first on {place}{written})")
+        self.first[key] = (index, path, line)
+        return key
+
+
 def read_jsonl(path: str, file_no: int = 0) -> list[Record]:
     """Records of one test file. Blank lines are skipped; a bad line or a repeated index stops with file:line."""
     if not os.path.isfile(path):
         raise InputError(f"test file not found: {path}")
-    records, seen = [], {}
+    records, seen = [], IndexBook()
     for line_no, fields in read_json_lines(path):
-        if "index" not in fields:
-            raise InputError(f"{path}:{line_no}: record has no 'index'")
-        index = fields["index"]
-        if not isinstance(index, (int, str)) or isinstance(index, bool):
-            raise InputError(f"{path}:{line_no}: 'index' must be an integer or a string, got {index!r}")
-        if index in seen:
-            raise InputError(f"{path}:{line_no}: duplicate index {index!r} (first on line {seen[index]})")
-        seen[index] = line_no
+        seen.add(checked_index(fields, f"{path}:{line_no}"), path, line_no)
         records.append(Record(fields, path, line_no, file_no))
     return records
 

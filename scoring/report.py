@@ -57,7 +57,8 @@ def build_report(sets, extra, scoring, sections=None):
     """
     set_reports = [{"name": eval_set.name, "annotations": eval_set.annotations, "answers": eval_set.answers,
                     **summarise(eval_set.records, eval_set.name), "missing": eval_set.missing,
-                    "extra": eval_set.extra, "paper_lynx": paper_summary(eval_set.name)} for eval_set in sets]
+                    "extra": eval_set.extra, "warnings": eval_set.warnings,
+                    "paper_lynx": paper_summary(eval_set.name)} for eval_set in sets]
     classes = {}
     for set_report in set_reports:
         for name, counts in set_report["classes"].items():
@@ -71,6 +72,7 @@ def build_report(sets, extra, scoring, sections=None):
         "overall": overall(sum(s["overall"]["correct"] for s in set_reports), len(records)),
         "missing": [index for set_report in set_reports for index in set_report["missing"]],
         "extra": list(extra),
+        "warnings": [line for eval_set in sets for line in eval_set.warnings],
         "sets": set_reports,
         "records": [{"dataset": record.dataset, "index": record.index, "class": record.category,
                      "prediction": record.prediction, "correct": bool(record.correct)} for record in records],

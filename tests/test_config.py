@@ -1,12 +1,15 @@
 """Config loading: the original's keys and defaults, the additions, overrides and the errors."""
+import dataclasses
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
 
-from configs.schema import LynxConfig, config_from_dict, load_config, parse_override
-from conftest import FIXTURE, ROOT
+from configs.decoding import DecodingSettings
+from configs.schema import DataConfig, LynxConfig, VitConfig, config_from_dict, load_config, parse_override
+from conftest import FIXTURE, ROOT, fixture_config
 from errors import InputError
 
 # The released LYNX.yaml's keys and values.
@@ -72,6 +75,80 @@ def test_overrides_are_yaml_values_and_reach_sections(tmp_path):
     assert parse_override("llm_path=data/my llm") == (["llm_path"], "data/my llm")
 
 
+LYNX_YAML = str(ROOT / "configs" / "LYNX.yaml")
+
+
+def test_quoted_prompt_on_the_command_line_is_lynx_yaml_own_prompt():
+    """The README's way: a quoted YAML string, so \n is a line break as in the file."""
+    own = load_config(LYNX_YAML)
+    assert own.prompt == "User: {question}\nBot:"
+    cfg = load_config(LYNX_YAML, ['prompt="User: {question}\\nBot:"'])
+    assert cfg.prompt == own.prompt
+    assert cfg.to_dict() == own.to_dict()  # the same settings: the same answers, the same resume fingerprint
+
+
+def test_the_readme_command_line_gives_lynx_yaml_prompt_through_the_shell(tmp_path):
+    """The words as typed in bash (README, Configuration) reach the config as LYNX.yaml's prompt."""
+    script = tmp_path / "run.sh"
+    script.write_text(
+        '"$PYTHON" -c \'import sys; from configs.schema import load_config; '
+        'print(repr(load_config("configs/LYNX.yaml", sys.argv[2:]).prompt))\' '
+        '--set \'prompt="User: {question}\\nBot:"\'\n')
+    proc = subprocess.run(["bash", str(script)], cwd=ROOT, capture_output=True, text=True,
+                          env={"PYTHON": sys.executable, "PATH": "/usr/bin:/bin"})
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout == repr("User: {question}\nBot:") + "\n"
+
+
+@pytest.mark.parametrize("text, value", [
+    ("prompt=Q: {question} A:", "Q: {question} A:"),                       # unquoted: as written ...
+    ("prompt=  Q: {question} # note", "  Q: {question} # note"),           # ... spaces and '#' included
+    ("prompt=User: {question}\nBot:", "User: {question}\nBot:"),            # a real line break (bash $'...')
+    ("prompt='User: {question}\\nBot:'", "User: {question}\\nBot:"),        # single quotes keep the backslash
+    ("prompt=\"it's {question}\"", "it's {question}"),
+    ("prompt=''", ""),
+    ("dtype=\"bfloat16\"", "bfloat16"),
+    ("data.frame_sampling=random", "random"),
+    ("llm_path=data/my llm", "data/my llm"),
+    ("llm_path=null", None),
+])
+def test_text_values_are_taken_as_written_or_as_one_quoted_yaml_string(text, value):
+    assert parse_override(text)[1] == value
+
+
+@pytest.mark.parametrize("text, problem", [
+    ("prompt=User: {question}\\nBot:",
+     "a value without quotes is taken as written, so its backslash would stay a backslash; quote it as YAML: "
+     "\"...\" reads \\n as a line break, '...' keeps backslashes"),
+    ("llm_path=C:\\models",
+     "a value without quotes is taken as written, so its backslash would stay a backslash; quote it as YAML: "
+     "\"...\" reads \\n as a line break, '...' keeps backslashes"),
+    ("prompt=\"User: {question}\\nBot:",
+     "a value that starts with a quote is read as a quoted YAML string, and this one is not (found unexpected end "
+     "of stream)"),
+    ("prompt=\"User: {question}\" # Bot:",
+     "a value that starts with a quote must be one quoted YAML string, with nothing after it"),
+    ("prompt=\"User\": {question}",
+     "a value that starts with a quote must be one quoted YAML string, with nothing after it"),
+    ("prompt=\"User: {question}\nBot:\"",
+     "a quoted value may not span lines (YAML would fold the line break into a space); write the line break as \\n "
+     "inside double quotes"),
+])
+def test_text_values_yaml_would_read_otherwise_are_refused(text, problem):
+    with pytest.raises(InputError) as err:
+        parse_override(text)
+    assert str(err.value) == f"--set {text!r}: {problem}"
+    assert "\n" not in str(err.value)
+
+
+def test_other_values_are_read_as_yaml():
+    assert parse_override("num_beams=3") == (["num_beams"], 3)
+    assert parse_override("test_files=[a.jsonl, b.jsonl]") == (["test_files"], ["a.jsonl", "b.jsonl"])
+    with pytest.raises(InputError) as err:
+        load_config(LYNX_YAML, ['num_beams="3"'])
+    assert str(err.value) == f"{LYNX_YAML}: 'num_beams' must be an integer, got '3'"
+
+
 def test_unknown_key_names_the_closest_known_key(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("num_beam: 3\n")
@@ -88,18 +165,185 @@ def test_yaml_syntax_error_names_the_line(tmp_path):
         load_config(str(path))
 
 
-@pytest.mark.parametrize("raw,message", [
-    ({"num_beams": "five"}, "'num_beams' must be int"),
-    ({"use_left_pad": "yes"}, "'use_left_pad' must be bool"),
-    ({"dtype": "fp8"}, "'dtype' must be one of float32, bfloat16, float16"),
-    ({"vision_prompt_dict": "audio"}, "'vision_prompt_dict' must be one of image, video, auto"),
-    ({"data": {"frame_sampling": "middle"}}, "'data.frame_sampling' must be one of uniform, random"),
-    ({"image_res": 100}, "not a multiple of the patch size 14"),
-    ({"batch_size_test": 0}, "'batch_size_test' must be at least 1"),
+# Every key with a value its type allows but the model cannot use: the whole message, as printed after "error: ".
+BAD_VALUES = [
+    # types
+    ({"num_beams": "five"}, "'num_beams' must be an integer, got 'five'"),
+    ({"num_beams": True}, "'num_beams' must be an integer, got True"),
+    ({"use_left_pad": "yes"}, "'use_left_pad' must be true or false, got 'yes'"),
+    ({"lower_text": 1}, "'lower_text' must be true or false, got 1"),
+    ({"top_p": "0.9"}, "'top_p' must be a number, got '0.9'"),
+    ({"prompt": None}, "'prompt' must be a string, got None"),
+    ({"max_input_tokens": "40"}, "'max_input_tokens' must be an integer, got '40'"),  # any integer: see below
+    ({"image_mean": 0.5}, "'image_mean' must be a list, got 0.5"),
+    ({"data": [5]}, "'data' must be a mapping, got [5]"),
+    ({"data": {"num_frames": 2.5}}, "'data.num_frames' must be an integer, got 2.5"),
+    ({"data": {"num_frames": True}}, "'data.num_frames' must be an integer, got True"),
+    # choices
+    ({"dtype": "fp8"}, "'dtype' must be one of float32, bfloat16, float16, got 'fp8'"),
+    ({"decoder": "vllm"}, "'decoder' must be one of auto, hf, fast, got 'vllm'"),
+    ({"vision_prompt_dict": "audio"}, "'vision_prompt_dict' must be one of image, video, auto, got 'audio'"),
+    ({"vision_encoder": "eva_vit_g"}, "'vision_encoder' must be one of eva_vit_1b, got 'eva_vit_g'"),
+    ({"video_encoding": "mean"}, "'video_encoding' must be one of concate, got 'mean'"),
+    ({"bridge": "qformer"}, "'bridge' must be one of resampler, got 'qformer'"),
+    ({"data": {"frame_sampling": "middle"}}, "'data.frame_sampling' must be one of uniform, random, got 'middle'"),
+    # ranges and lengths
+    ({"data": {"num_workers": -1}}, "'data.num_workers' must be 0 (read media in the main process) or more, got -1"),
+    ({"data": {"num_frames": 0}}, "'data.num_frames' must be at least 1, got 0"),
+    ({"batch_size_test": 0}, "'batch_size_test' must be at least 1, got 0"),
+    ({"adapter_freq": 0}, "'adapter_freq' must be at least 1, got 0"),
+    ({"bridge_depth": 0}, "'bridge_depth' must be at least 1, got 0"),
+    ({"num_bridge_tokens": -2}, "'num_bridge_tokens' must be at least 1, got -2"),
+    ({"image_res": 0}, "'image_res' must be at least 1, got 0"),
+    ({"image_res": 100}, "'image_res' 100 is not a multiple of the patch size 14"),
+    ({"image_mean": [0.5, 0.5]}, "'image_mean' must be a list of 3 numbers, got [0.5, 0.5]"),
+    ({"image_mean": [0.5, "a", 0.5]}, "'image_mean' must be a list of 3 numbers, got [0.5, 'a', 0.5]"),
+    ({"image_mean": [0.5, float("nan"), 0.5]}, "'image_mean' must be a list of 3 numbers, got [0.5, nan, 0.5]"),
+    ({"image_std": [0.2, 0, 0.2]}, "'image_std' must be a list of 3 numbers greater than 0, got [0.2, 0, 0.2]"),
+    ({"image_std": [0.2, True, 0.2]}, "'image_std' must be a list of 3 numbers greater than 0, got [0.2, True, 0.2]"),
+    ({"vit": {"embed_dim": 0}}, "'vit.embed_dim' must be at least 1, got 0"),
+    ({"vit": {"depth": 0}}, "'vit.depth' must be at least 1, got 0"),
+    ({"vit": {"num_heads": 0}}, "'vit.num_heads' must be at least 1, got 0"),
+    ({"vit": {"mlp_ratio": 0}}, "'vit.mlp_ratio' must be a number greater than 0, got 0.0"),
+    ({"vit": {"patch_size": 0}}, "'vit.patch_size' must be at least 1, got 0"),
+    ({"vit": {"embed_dim": 100, "num_heads": 3}}, "'vit.embed_dim' 100 must be divisible by 'vit.num_heads' 3"),
+    ({"vit": {"num_heads": 5}}, "'vit.embed_dim' 1408 must be divisible by 'vit.num_heads' 5"),
+    # paths and names
+    ({"test_files": []}, "'test_files' must be a path or a non-empty list of paths, got []"),
+    ({"test_files": ["a.jsonl", ""]}, "'test_files' must be a path or a non-empty list of paths, got ['a.jsonl', '']"),
+    ({"test_files": [3]}, "'test_files' must be a path or a non-empty list of paths, got [3]"),
+    ({"checkpoint": ""}, "'checkpoint' must be a non-empty path, got ''"),
+    ({"vit_checkpoint": " "}, "'vit_checkpoint' must be a non-empty path, got ' '"),
+    ({"llm_path": ""}, "'llm_path' must be null or a non-empty path, got ''"),
+    ({"LLM": ""}, "'LLM' must be a non-empty name (the folder ./data/<LLM> unless llm_path is set), got ''"),
+    ({"output_prompt_dict": ""}, "'output_prompt_dict' must be a non-empty string, got ''"),
+    # keys of the original's training configs
+    ({"drop_path_rate": 2}, "'drop_path_rate' must be a number from 0 to 1 (read, unused at inference), got 2.0"),
+    ({"label_smoothing": "x"}, "'label_smoothing' must be a number, got 'x'"),
+    # decoding keys: checked by DecodingSettings (tests/test_decoding_settings.py has them all)
+    ({"use_nucleus_sampling": True, "temperature": 0},
+     "'temperature' must be a number greater than 0 when sampling (use_nucleus_sampling: true), got 0.0"),
+]
+
+
+@pytest.mark.parametrize("raw,message", BAD_VALUES, ids=[str(raw) for raw, _ in BAD_VALUES])
+def test_bad_values_name_the_key_the_value_and_what_is_allowed(raw, message):
+    with pytest.raises(InputError) as err:
+        config_from_dict(raw, where="c.yaml")
+    assert str(err.value) == f"c.yaml: {message}"
+
+
+def test_every_key_is_checked():
+    """Each key of LynxConfig, DataConfig and VitConfig is named by a row of BAD_VALUES (or is a decoding key,
+    checked through DecodingSettings, or a boolean, whose type is all there is to check)."""
+    named = {message.split("'")[1] for _, message in BAD_VALUES}
+    decoding = {f.name for f in dataclasses.fields(DecodingSettings)}
+    booleans = {f.name for f in dataclasses.fields(LynxConfig) if isinstance(f.default, bool)}
+    keys = {f.name for f in dataclasses.fields(LynxConfig)} - {"data", "vit"}
+    keys |= {f"data.{f.name}" for f in dataclasses.fields(DataConfig)}
+    keys |= {f"vit.{f.name}" for f in dataclasses.fields(VitConfig)}
+    unchecked = keys - named - decoding - booleans - {"image_rdir", "prompt"}  # any string; the prompt: below
+    assert unchecked == set()
+
+
+# ---------------------------------------------------------------- the prompt template, checked once at start
+
+@pytest.mark.parametrize("prompt, problem", [
+    ("User: {question\nBot:", "is not a valid template (unmatched '{' in format spec; a literal brace is written "
+                              "{{ or }})"),
+    ("User: {question", "is not a valid template (expected '}' before end of string; a literal brace is written "
+                        "{{ or }})"),
+    ("User: question}", "is not a valid template (Single '}' encountered in format string; a literal brace is "
+                        "written {{ or }})"),
+    ("User: {} Bot:", "has the field {}, which names no record field (write e.g. {question})"),
+    ("User: {0} Bot:", "has the field {0}, which names no record field (write e.g. {question})"),
+    ("User: {question.} Bot:", "has the field {question.}, which names no record field (write e.g. {question})"),
+    ("User: {question!x} Bot:", "has the field {question!x}: '!x' is no conversion (!r, !s or !a)"),
+    ("User: {question:zz} Bot:", "has the field {question:zz}: the format spec ':zz' suits no text or number"),
+    ("User: {question!r:d} Bot:", "has the field {question!r:d}: the format spec ':d' suits no text or number"),
+    ("User: {question:>{}} Bot:", "has the field {}, which names no record field (write e.g. {question})"),
 ])
-def test_bad_values_are_named(raw, message):
-    with pytest.raises(InputError, match=message.replace("(", "\\(")):
-        config_from_dict(raw)
+def test_a_broken_prompt_template_is_one_line_at_start(prompt, problem):
+    with pytest.raises(InputError) as err:
+        config_from_dict({"prompt": prompt}, where="c.yaml")
+    assert str(err.value) == f"c.yaml: 'prompt' {problem}: {prompt!r}"
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize("prompt", ["", "Describe the image.", "User: {question}\nBot:", "{{literal}} {question}",
+                                    "#{index:03d} {question!r:>20}", "{question[0]} {meta.name}", "{question:>{width}}"])
+def test_templates_that_some_record_can_fill_are_accepted(prompt):
+    """Whether a record has the fields (and values that suit the format spec) is that record's matter."""
+    assert config_from_dict({"prompt": prompt}).prompt == prompt
+
+
+@pytest.mark.parametrize("override, message", [
+    ("data.num_workers=-1", "configs/LYNX.yaml: 'data.num_workers' must be 0 (read media in the main process) or "
+                            "more, got -1"),
+    ("temperature=0", "configs/LYNX.yaml: 'temperature' must be a number greater than 0 when sampling "
+                      "(use_nucleus_sampling: true), got 0.0"),
+    ("prompt=User: {question", "configs/LYNX.yaml: 'prompt' is not a valid template (expected '}' before end of "
+                               "string; a literal brace is written {{ or }}): 'User: {question'"),
+    ("prompt=User: {question}\\nBot:", "--set 'prompt=User: {question}\\\\nBot:': a value without quotes is taken as "
+                                       "written, so its backslash would stay a backslash; quote it as YAML: \"...\" "
+                                       "reads \\n as a line break, '...' keeps backslashes"),
+])
+def test_generate_with_the_shipped_config_stops_before_the_model_loads(tmp_path, monkeypatch, capsys, override,
+                                                                       message):
+    """configs/LYNX.yaml (num_workers 4, decoder auto) with one bad value: exit 1, one line, nothing written."""
+    import generate
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the model was loaded before the error was found")
+
+    monkeypatch.setattr(generate.LynxPipeline, "from_config", refuse)
+    monkeypatch.chdir(ROOT)
+    output = tmp_path / "out.jsonl"
+    status = generate.main(["--config", "configs/LYNX.yaml", "--output_path", str(output), "--device", "cpu",
+                            "--set", override])
+    err = capsys.readouterr().err
+    assert status == 1 and "Traceback" not in err
+    assert [line for line in err.splitlines() if line.startswith("error: ")] == [f"error: {message}"]
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- what the original accepted
+
+def test_training_keys_are_read_and_not_kept():
+    cfg = config_from_dict({"drop_path_rate": 0.1, "label_smoothing": 0.1})
+    assert "drop_path_rate" not in cfg.to_dict() and "label_smoothing" not in cfg.to_dict()
+    assert cfg.to_dict() == LynxConfig().to_dict()  # so a run's settings (and resume fingerprint) do not change
+
+
+def test_test_files_may_be_a_single_path():
+    assert config_from_dict({"test_files": "./data/Open_VQA_videos.jsonl"}).test_files == \
+        ["./data/Open_VQA_videos.jsonl"]
+    cfg = load_config(str(ROOT / "configs" / "LYNX.yaml"), ["test_files=./data/Open_VQA_videos.jsonl"])
+    assert cfg.test_files == ["./data/Open_VQA_videos.jsonl"]
+
+
+@pytest.mark.parametrize("written, stored", [(40, 40), (1, 1), (0, 0), (-1, 0), (-40, 0)])
+def test_max_input_tokens_zero_or_less_means_no_truncation(written, stored):
+    assert config_from_dict({"max_input_tokens": written}).max_input_tokens == stored
+
+
+def test_max_input_tokens_zero_or_less_keeps_the_whole_prompt(in_fixture):
+    """Through the dataset's encode path: a prompt longer than 40 ids keeps all of them (BOS first) at 0 or -5,
+    and only its last 40 at 40, as the original's `if max_input_tokens > 0: ids = ids[-max_input_tokens:]`."""
+    from dataset.batching import LynxEvalDataset
+    from dataset.records import read_jsonl as read_records
+    from models.tokenizer import LynxTokenizer
+
+    tokenizer = LynxTokenizer("data/vicuna-7b/tokenizer.model")
+    record = read_records("data/Open_VQA_images_tiny.jsonl")[0]
+    record.fields["question"] = "what is the colour of the large object in the middle of the picture " * 3
+    ids = {}
+    for written in (40, 0, -5):
+        cfg = config_from_dict(fixture_config(max_input_tokens=written))
+        ids[written] = LynxEvalDataset([record], cfg, tokenizer)[0]["input_ids"]
+    assert len(ids[0]) > 40 and ids[0][0] == tokenizer.bos_id
+    assert ids[-5] == ids[0]
+    assert ids[40] == ids[0][-40:]
 
 
 def test_generate_sh_without_weights_names_the_missing_file(tmp_path):

@@ -20,23 +20,43 @@ def test_settings_carry_the_config_values():
 
 
 @pytest.mark.parametrize("key, value, message", [
-    ("temperature", 0.0, "'temperature' must be a number greater than 0 when sampling"),
-    ("temperature", -1.0, "'temperature' must be a number greater than 0 when sampling"),
+    ("temperature", 0.0, "'temperature' must be a number greater than 0 when sampling (use_nucleus_sampling: true), "
+                         "got 0.0"),
+    ("temperature", -1.0, "'temperature' must be a number greater than 0 when sampling (use_nucleus_sampling: true), "
+                          "got -1.0"),
+    ("temperature", float("inf"), "'temperature' must be a number greater than 0 when sampling "
+                                  "(use_nucleus_sampling: true), got inf"),
     ("top_p", 2.0, "'top_p' must be greater than 0 and at most 1, got 2.0"),
+    ("top_p", 0.0, "'top_p' must be greater than 0 and at most 1, got 0.0"),
     ("top_k", -1, "'top_k' must be 0 (no top-k) or more, got -1"),
     ("no_repeat_ngram_size", -1, "'no_repeat_ngram_size' must be 0 (off) or more, got -1"),
     ("repetition_penalty", 0.0, "'repetition_penalty' must be a number greater than 0, got 0.0"),
-    ("min_length", 30, "'min_length' must be between 0 and max_new_tokens + 1 = 25"),
+    ("length_penalty", float("nan"), "'length_penalty' must be a finite number, got nan"),
+    ("min_length", 30, "'min_length' must be between 0 and max_new_tokens + 1 = 25 (it counts a placeholder token, "
+                       "as the original did), got 30"),
+    ("min_length", -1, "'min_length' must be between 0 and max_new_tokens + 1 = 25 (it counts a placeholder token, "
+                       "as the original did), got -1"),
     ("num_beams", 0, "'num_beams' must be at least 1, got 0"),
+    ("max_new_tokens", 0, "'max_new_tokens' must be at least 1, got 0"),
+    ("num_beams", 2.0, "'num_beams' must be an integer, got 2.0"),
+    ("max_new_tokens", True, "'max_new_tokens' must be an integer, got True"),
+    ("top_k", "3", "'top_k' must be an integer, got '3'"),
+    ("top_p", "0.9", "'top_p' must be a number, got '0.9'"),
+    ("temperature", None, "'temperature' must be a number, got None"),
+    ("use_nucleus_sampling", 1, "'use_nucleus_sampling' must be true or false, got 1"),
 ])
 def test_bad_values_name_the_key_the_value_and_what_is_allowed(key, value, message):
     base = config_settings(max_new_tokens=24, use_nucleus_sampling=True)
     with pytest.raises(InputError) as err:
         base.replace(**{key: value})
-    assert str(err.value).startswith(f"decoding: {message}")
-    with pytest.raises(InputError) as err:  # the same check when the config is read
-        config_from_dict(fixture_config(max_new_tokens=24, use_nucleus_sampling=True, **{key: value}), where="c.yaml")
-    assert str(err.value).startswith(f"c.yaml: {message}")
+    assert str(err.value) == f"decoding: {message}"
+    with pytest.raises(InputError) as err:  # the same check when the config is read (types: by the schema)
+        config_from_dict(fixture_config(**{"max_new_tokens": 24, "use_nucleus_sampling": True, key: value}),
+                         where="c.yaml")
+    if "must be an integer" in message or "must be a number, got" in message or "true or false" in message:
+        assert str(err.value).startswith(f"c.yaml: '{key}' must be ")
+    else:
+        assert str(err.value) == f"c.yaml: {message}"
 
 
 def test_temperature_zero_is_fine_without_sampling():
