@@ -41,4 +41,4 @@ def make_decoder(cfg, llm, tokenizer, device: str, compile: bool | None = None) 
                        prefix_len=cfg.num_bridge_tokens)
 
 
-__all__ = ["Decoder", "DecodingSettings", "FastDecoder", "HFDecoder", "make_decoder"]
+__all__ = ["Decoder", "FastDecoder", "HFDecoder", "make_decoder"]
