@@ -20,7 +20,6 @@ on synthetic files, for one process.
 from __future__ import annotations
 
 import argparse
-import copy
 import datetime
 import json
 import math
@@ -30,18 +29,19 @@ import subprocess
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from configs.decoding import DecodingSettings  # noqa: E402
 from configs.schema import config_from_dict, load_config  # noqa: E402
-from models.decoding import generation_config  # noqa: E402
-from models.fast_generate import FastGenerator, MediaAhead, fast_decoder_for  # noqa: E402
-from models.lynx import Lynx, LynxLlamaForCausalLM  # noqa: E402
+from decoding import Decoder, make_decoder  # noqa: E402
+from lynx.media_ahead import MediaAhead  # noqa: E402
+from models.lynx import Lynx, LynxLlamaForCausalLM, vit_chunk_for  # noqa: E402
 
 SETS = {"images": ("data/Open_VQA_images.jsonl", "image"), "videos": ("data/Open_VQA_videos.jsonl", "video")}
 MODES = {  # the paper's beam sampling, plain beam search, greedy; all with LYNX.yaml's other decoding keys
@@ -155,8 +155,7 @@ def build_random_lynx(cfg, tiny: bool, device: str, seed: int) -> Lynx:
                         tie_word_embeddings=False)
     torch.manual_seed(seed)
     with torch.device(device):
-        model = Lynx(cfg, LynxLlamaForCausalLM(llama),
-                     vit_chunk=cfg.batch_size_test if str(device).startswith("cuda") else None)  # as build_lynx
+        model = Lynx(cfg, LynxLlamaForCausalLM(llama), vit_chunk=vit_chunk_for(cfg, device))
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(p.to(torch.bfloat16))
@@ -218,26 +217,19 @@ class Clock:
 
 
 class Runner:
-    """One configuration: the original's (transformers' generate) or the fast path (FastGenerator)."""
+    """One configuration: the original's (transformers' generate) or the fast path (Lynx's own decoder)."""
 
-    def __init__(self, model: Lynx, fast: FastGenerator | None, device: str):
-        self.model, self.fast, self.device = model, fast, device
+    def __init__(self, model: Lynx, decoder: Decoder, device: str):
+        self.model, self.decoder, self.device = model, decoder, device
         self.clock = Clock(device)
         self.marks = {}
         self.hooks = []
 
-    def decode(self, embeds, mask, gen) -> torch.Tensor:
-        if self.fast is not None:
-            return self.fast.generate(embeds, mask, gen)
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            return self.model.LLM.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen)
-
-    def answer(self, batch: Batch, gen, visual=None) -> torch.Tensor:
+    def answer(self, batch: Batch, settings: DecodingSettings, visual=None) -> torch.Tensor:
         if visual is None:
             visual = self.model.encode_media(batch.pixels.to(self.device, non_blocking=True))
         embeds, mask = self.model.fuse(visual, batch.input_ids, batch.attention_mask)
-        return self.decode(embeds, mask, gen)
+        return self.decoder.generate(embeds, mask, settings)
 
     # marks taken by hooks: the resampler's start and end, the first LM head call (end of the prefill)
     def _mark(self, name):
@@ -246,7 +238,7 @@ class Runner:
                 self.marks[name] = self.clock.mark()
         return hook
 
-    def split_pass(self, batches, gen) -> dict:
+    def split_pass(self, batches, settings: DecodingSettings) -> dict:
         """Every batch part by part: seconds of ViT, resampler, prefill, decode, and the answers."""
         model = self.model
         self.hooks = [model.bridge.register_forward_pre_hook(self._mark("vit_end")),
@@ -260,7 +252,7 @@ class Runner:
             for batch in batches:
                 self.marks = {}
                 start = self.clock.mark()
-                ids = self.answer(batch, gen)
+                ids = self.answer(batch, settings)
                 end = self.clock.mark()
                 sync(self.device)
                 m, sec = self.marks, self.clock.seconds
@@ -274,7 +266,7 @@ class Runner:
                 h.remove()
         return dict(parts=parts, wall=time.perf_counter() - wall, answers=answers)
 
-    def set_pass(self, batches, gen) -> float:
+    def set_pass(self, batches, settings: DecodingSettings) -> float:
         """The whole set as a run does it; on CUDA the next batch's ViT and resampler run on a side stream."""
         ahead = MediaAhead(self.model)
         sync(self.device)
@@ -284,7 +276,7 @@ class Runner:
             visual = ahead.take()
             if j + 1 < len(batches):
                 ahead.submit(batches[j + 1].pixels)
-            self.answer(batch, gen, visual=visual).tolist()
+            self.answer(batch, settings, visual=visual).tolist()
         sync(self.device)
         return time.perf_counter() - start
 
@@ -331,12 +323,12 @@ def media_decode_seconds(cfg, kind: str, records: int, samples: int = 6) -> floa
 # ---- one configuration over the sets and modes
 
 
-def run_config(name: str, runner: Runner, work: dict, modes: list[tuple[str, int | None]], cfg, pad_id: int,
+def run_config(name: str, runner: Runner, work: dict, modes: list[tuple[str, int | None]], cfg,
                device: str) -> list[dict]:
     """Rows of the table for one configuration; `modes`: (mode, records per set to time or None for all)."""
     rows = []
     for mode, limit_records in modes:
-        gen = mode_config(cfg, mode, pad_id)
+        settings = mode_settings(cfg, mode)
         for set_name, batches in work.items():
             measured = batches
             if limit_records:
@@ -344,16 +336,16 @@ def run_config(name: str, runner: Runner, work: dict, modes: list[tuple[str, int
             full = next(b for b in batches if len(b) == max(len(x) for x in batches))
             sync(device)
             start = time.perf_counter()
-            runner.answer(full, gen).tolist()  # warm-up: a full batch, full length
+            runner.answer(full, settings).tolist()  # warm-up: a full batch, full length
             sync(device)
             warmup = time.perf_counter() - start
             if runner.clock.cuda:
                 torch.cuda.reset_peak_memory_stats()
-            split = runner.split_pass(measured, gen)
+            split = runner.split_pass(measured, settings)
             scale = len(batches) / len(measured)
             seconds = split["wall"] * scale
             if name == "fast":
-                seconds = runner.set_pass(measured, gen) * scale
+                seconds = runner.set_pass(measured, settings) * scale
             steps = len(measured) * (cfg.max_new_tokens - 1)
             rows.append(dict(
                 config=name, set=set_name, mode=mode, records=sum(len(b) for b in batches),
@@ -367,11 +359,8 @@ def run_config(name: str, runner: Runner, work: dict, modes: list[tuple[str, int
     return rows
 
 
-def mode_config(cfg, mode: str, pad_id: int):
-    c = copy.copy(cfg)
-    for key, value in MODES[mode].items():
-        setattr(c, key, value)
-    return generation_config(c, pad_id=pad_id, bos_id=1, eos_id=2)
+def mode_settings(cfg, mode: str) -> DecodingSettings:
+    return DecodingSettings.from_config(cfg).replace(**MODES[mode])
 
 
 def fidelity(rows: list[dict], limit: int) -> dict:
@@ -444,6 +433,7 @@ def main(argv=None) -> int:
     cfg = lynx_config(args.tiny, args.batch_size, args.max_new_tokens)
     vocab = (TINY["llm"] if args.tiny else LLAMA_7B)["vocab_size"]
     pad_id = vocab - 1  # Lynx's [PAD], appended to the vocabulary
+    token_ids = SimpleNamespace(pad_id=pad_id, bos_id=1, eos_id=2)
     on_cuda = device.startswith("cuda")
     torch.set_grad_enabled(False)
 
@@ -468,7 +458,9 @@ def main(argv=None) -> int:
             modes = [(m, args.baseline_limit) for m in args.baseline_modes if m in args.modes]
             if args.fidelity_limit and "greedy" in args.modes and "greedy" not in args.baseline_modes:
                 modes.append(("greedy", args.fidelity_limit))  # the float32 answers to compare with
-            rows += run_config("baseline", Runner(model, None, device), work, modes, cfg, pad_id, device)
+            cfg.decoder = "hf"
+            baseline = make_decoder(cfg, model.LLM, token_ids, device)
+            rows += run_config("baseline", Runner(model, baseline, device), work, modes, cfg, device)
     if on_cuda:  # the CPU smoke run stays in float32
         model = model.to(torch.bfloat16)
         torch.cuda.empty_cache()
@@ -477,9 +469,8 @@ def main(argv=None) -> int:
     with torch.inference_mode():
         set_attention(model, fast=True)
         cfg.decoder = "fast"
-        fast = fast_decoder_for(model, cfg, device, mode_config(cfg, args.modes[0], pad_id), compile=args.compile)
-        rows += run_config("fast", Runner(model, fast, device), work, [(m, None) for m in args.modes], cfg, pad_id,
-                           device)
+        fast = make_decoder(cfg, model.LLM, token_ids, device, compile=args.compile)
+        rows += run_config("fast", Runner(model, fast, device), work, [(m, None) for m in args.modes], cfg, device)
 
     report["fast_dtype"] = str(model.dtype).replace("torch.", "")
     report["fidelity"] = fidelity(rows, args.fidelity_limit)

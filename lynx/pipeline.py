@@ -19,9 +19,8 @@ from dataset.media import image_transform, open_image, pixels_of_frames
 from dataset.prompt import format_prompt
 from dataset.video import load_video_frames
 from configs.decoding import DecodingSettings
+from decoding import make_decoder
 from models.build import build_lynx
-from models.decoding import generation_config
-from models.fast_generate import UnsupportedOptions, fast_decoder_for
 
 
 def default_device() -> str:
@@ -58,8 +57,7 @@ class LynxPipeline:
         self.tokenizer = tokenizer
         self.device = device
         self.settings = DecodingSettings.from_config(cfg)
-        self.generation_config = self._generation_config(self.settings)
-        self.fast = fast_decoder_for(model, cfg, device, self.generation_config)  # None: transformers' generate
+        self.decoder = make_decoder(cfg, model.LLM, tokenizer, device)
         self.collate = Collator(tokenizer.pad_id, cfg.use_left_pad)
         self.transform = image_transform(cfg.image_res, cfg.image_mean, cfg.image_std)
         self.lemmatizer = load_lemmatizer() if cfg.apply_lemmatizer else None
@@ -71,23 +69,17 @@ class LynxPipeline:
         model, tokenizer = build_lynx(cfg, device)
         return cls(cfg, model, tokenizer, device)
 
-    def _generation_config(self, settings: DecodingSettings):
-        return generation_config(settings, self.tokenizer.pad_id, self.tokenizer.bos_id, self.tokenizer.eos_id)
-
-    def answer_batch(self, batch: Batch, visual: torch.Tensor | None = None,
-                     settings: DecodingSettings | None = None) -> list[str]:
-        """Answers for the usable rows of a collated batch, in row order (`visual`: its prefix, if computed).
-        `settings`: decoding for this call (default: the config's)."""
-        gen, fast = self.generation_config, self.fast
-        if settings is not None and settings != self.settings:
-            gen = self._generation_config(settings.checked())
-            if fast is not None:
-                try:
-                    fast.resolve(gen)
-                except UnsupportedOptions:
-                    fast = None
-        ids = self.model.generate(batch.pixel_values, batch.input_ids, batch.attention_mask, gen, fast=fast,
-                                  visual=visual)
+    @torch.inference_mode()
+    def answer_batch(self, batch: Batch, visual: torch.Tensor | None = None, settings: DecodingSettings | None = None,
+                     generator: torch.Generator | None = None, rows: int | None = None) -> list[str]:
+        """Answers for the usable rows of a collated batch, in row order. `visual`: its visual prefix, if computed
+        already; `settings`: decoding for this call (default: the config's); `generator`: the sampling draws;
+        `rows`: the batch shape to decode at (see decoding.Decoder)."""
+        settings = self.settings if settings is None else settings.checked()
+        if visual is None:
+            visual = self.model.encode_media(batch.pixel_values)
+        embeds, mask = self.model.fuse(visual, batch.input_ids, batch.attention_mask)
+        ids = self.decoder.generate(embeds, mask, settings, generator=generator, rows=rows)
         answers = [self.tokenizer.decode(row) for row in ids.tolist()]
         return [lemmatize(self.lemmatizer, a) for a in answers] if self.lemmatizer else answers
 

@@ -13,8 +13,8 @@ from dataset.batching import Batch, LynxEvalDataset, batches_by_media
 from errors import RecordError
 from dataset.records import Record
 from lynx.answers import AnswerStore
+from lynx.media_ahead import MediaAhead
 from lynx.pipeline import LynxPipeline
-from models.fast_generate import MediaAhead
 
 log = logging.getLogger("lynx")
 
@@ -66,11 +66,12 @@ def is_out_of_memory(err: BaseException) -> bool:
     return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
-def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure,
-                      visual: torch.Tensor | None = None) -> list[tuple[int, str]]:
-    """Answers of a batch; on running out of GPU memory, the batch is retried in halves down to one record."""
+def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure, visual: torch.Tensor | None = None,
+                      rows: int | None = None) -> list[tuple[int, str]]:
+    """Answers of a batch; on running out of GPU memory, the batch is retried in halves down to one record, each
+    half decoded as a batch of its own size (`rows`: the decoder would otherwise pad it back to its fixed shape)."""
     try:
-        return list(zip(batch.positions, pipeline.answer_batch(batch, visual)))
+        return list(zip(batch.positions, pipeline.answer_batch(batch, visual, rows=rows)))
     except RuntimeError as err:
         if not is_out_of_memory(err):
             raise
@@ -84,8 +85,9 @@ def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure,
     half = len(batch) // 2
     log.warning("out of GPU memory on a batch of %d; retrying in halves", len(batch))
     left = pipeline.cfg.use_left_pad
-    return (answer_with_retry(pipeline, split_batch(batch, slice(0, half), left), on_failure)
-            + answer_with_retry(pipeline, split_batch(batch, slice(half, None), left), on_failure))
+    first, second = split_batch(batch, slice(0, half), left), split_batch(batch, slice(half, None), left)
+    return (answer_with_retry(pipeline, first, on_failure, rows=len(first))
+            + answer_with_retry(pipeline, second, on_failure, rows=len(second)))
 
 
 def with_media_ahead(loader, model) -> Iterator[tuple[Batch, torch.Tensor | None]]:

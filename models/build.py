@@ -12,7 +12,7 @@ from errors import InputError
 from models.tokenizer import LynxTokenizer
 from models.checkpoint import (WEIGHT_SOURCES, check_lynx_state, load_lynx_checkpoint, load_vision_weights,
                                read_lynx_checkpoint, vision_weights)
-from models.lynx import Lynx, LynxLlamaForCausalLM
+from models.lynx import Lynx, LynxLlamaForCausalLM, vit_chunk_for
 
 log = logging.getLogger("lynx")
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
@@ -75,7 +75,7 @@ def build_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, LynxTokenize
     check_lynx_state(skeleton.state_dict(), lynx_state, cfg.checkpoint)
     llm = load_llm(cfg, dtype)
     add_pad_rows(llm, tokenizer.vocab_size)
-    model = Lynx(cfg, llm, vit_chunk=cfg.batch_size_test if str(device).startswith("cuda") else None)
+    model = Lynx(cfg, llm, vit_chunk=vit_chunk_for(cfg, device))
     reports = [load_vision_weights(model.vision_encoder, cfg.vit_checkpoint, vit_weights)]
     log.info("%s: LLM loaded (%d layers, adapters on %s)", cfg.llm_dir, llm.config.num_hidden_layers,
              model.adapter_layers)

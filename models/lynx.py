@@ -1,16 +1,20 @@
 """Lynx: EVA ViT -> Perceiver resampler -> LLaMA with adapters; the visual tokens are a prefix of the text."""
 from __future__ import annotations
 
-import warnings
-
 import torch
 from torch import nn
-from transformers import GenerationConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 
 from configs.schema import LynxConfig
 from models.adapters import add_output_adapters
 from models.resampler import PerceiverResampler
 from models.vision_encoder import build_vision_encoder
+
+
+def vit_chunk_for(cfg: LynxConfig, device: str) -> int | None:
+    """Images (frames) per ViT call on `device`; None: all at once. On a GPU, batch_size_test bounds a video batch's
+    activations (16 x 5 frames at once would outgrow the KV cache)."""
+    return cfg.batch_size_test if str(device).startswith("cuda") else None
 
 
 def positions_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -36,14 +40,13 @@ class LynxLlamaForCausalLM(LlamaForCausalLM):
 
 
 class Lynx(nn.Module):
-    """Attribute names equal the released checkpoints' key prefixes: vision_encoder, bridge, LLM,
-    absolute_frame_pos_embed."""
+    """The model, as transformers' InstructBLIP exposes it: `encode_media` (ViT + resampler: the visual prefix),
+    `fuse` (prefix + text embeddings) and the `LLM`; decoding is the decoders' job (decoding/). Attribute names
+    equal the released checkpoints' key prefixes: vision_encoder, bridge, LLM, absolute_frame_pos_embed."""
 
     def __init__(self, cfg: LynxConfig, llm: LynxLlamaForCausalLM, vit_chunk: int | None = None):
         super().__init__()
-        # Images (frames) per ViT call; None: all at once. On a GPU, batch_size_test bounds a video batch's
-        # activations (16 x 5 frames at once would outgrow the KV cache).
-        self.vit_chunk = vit_chunk
+        self.vit_chunk = vit_chunk  # images (frames) per ViT call; None: all at once (see vit_chunk_for)
         dims = cfg.vit_dims
         hidden = llm.config.hidden_size
         self.vision_encoder = build_vision_encoder(dims, cfg.image_res)
@@ -90,17 +93,3 @@ class Lynx(nn.Module):
         prefix_mask = torch.ones(visual.shape[:2], dtype=attention_mask.dtype, device=self.device)
         mask = torch.cat([prefix_mask, attention_mask.to(self.device)], dim=1)
         return embeds, mask
-
-    @torch.inference_mode()
-    def generate(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                 generation_config: GenerationConfig, fast=None, visual: torch.Tensor | None = None) -> torch.Tensor:
-        """Generated token ids (B, T), without the prompt. `fast`: a models.fast_generate.FastGenerator to decode
-        with instead of transformers' generate. `visual`: the batch's visual prefix when it was computed already."""
-        if visual is None:
-            visual = self.encode_media(pixel_values)
-        embeds, mask = self.fuse(visual, input_ids, attention_mask)
-        if fast is not None:
-            return fast.generate(embeds, mask, generation_config)
-        with warnings.catch_warnings():  # n-gram blocking on generated tokens only is what we want
-            warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
-            return self.LLM.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=generation_config)

@@ -95,10 +95,11 @@ def test_vision_encoder_has_no_final_norm_and_the_configured_depth(tiny):
 
 
 def generated_ids(model, tokenizer, cfg, batch):
-    from models.decoding import generation_config
+    from configs.decoding import DecodingSettings
+    from decoding import HFDecoder
 
-    gen = generation_config(cfg, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
-    ids = model.generate(batch.pixel_values, batch.input_ids, batch.attention_mask, gen)
+    embeds, mask = model.fuse(model.encode_media(batch.pixel_values), batch.input_ids, batch.attention_mask)
+    ids = HFDecoder(model.LLM, tokenizer).generate(embeds, mask, DecodingSettings.from_config(cfg))
     return [tokenizer.decode(row) for row in ids.tolist()]
 
 

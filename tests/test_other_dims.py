@@ -50,13 +50,15 @@ def test_right_padded_greedy_follows_the_rule(other, kind, batch_size):
     records = read_jsonl(str(root / "data" / data))
     dataset = LynxEvalDataset(records, cfg, tokenizer)
     collate = Collator(tokenizer.pad_id, left_pad=False)
-    from models.decoding import generation_config
+    from configs.decoding import DecodingSettings
+    from decoding import HFDecoder
 
-    gen = generation_config(cfg, tokenizer.pad_id, tokenizer.bos_id, tokenizer.eos_id)
+    decoder, settings = HFDecoder(model.LLM, tokenizer), DecodingSettings.from_config(cfg)
     for positions in batches_by_media(records, list(range(len(records))), kind, batch_size)[:2]:
         batch = collate([dataset[p] for p in positions])
         if kind == "video":
             assert batch.pixel_values.shape[1] == NUM_FRAMES
         with torch.no_grad():
-            ids = model.generate(batch.pixel_values, batch.input_ids, batch.attention_mask, gen)
+            embeds, mask = model.fuse(model.encode_media(batch.pixel_values), batch.input_ids, batch.attention_mask)
+            ids = decoder.generate(embeds, mask, settings)
         assert [tokenizer.decode(r) for r in ids.tolist()] == reference_greedy(model, tokenizer, cfg, batch)

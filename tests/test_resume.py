@@ -95,7 +95,7 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, in_fixture, monkeyp
     asked = []
     real_answer_batch = generate.LynxPipeline.answer_batch
     monkeypatch.setattr(generate.LynxPipeline, "answer_batch",
-                        lambda self, batch, visual=None: asked.extend(batch.positions) or real_answer_batch(self, batch, visual))
+                        lambda self, batch, visual=None, **kw: asked.extend(batch.positions) or real_answer_batch(self, batch, visual, **kw))
     caplog.set_level(logging.INFO, logger="lynx")
     assert generate.main(args) == 0
     assert f"resuming: {kept} of {RECORDS} records already answered" in caplog.text

@@ -323,7 +323,7 @@ def test_two_of_ten_missing_then_fixed(tmp_path, in_fixture, monkeypatch, caplog
     asked = []
     real_answer_batch = generate.LynxPipeline.answer_batch
     monkeypatch.setattr(generate.LynxPipeline, "answer_batch",
-                        lambda self, batch, visual=None: asked.extend(batch.positions) or real_answer_batch(self, batch, visual))
+                        lambda self, batch, visual=None, **kw: asked.extend(batch.positions) or real_answer_batch(self, batch, visual, **kw))
     caplog.clear()
     assert run_main(cfg, tmp_path) == 0
     assert "resuming: 8 of 10 records already answered" in caplog.text
@@ -369,11 +369,12 @@ class FakePipeline:
     def __init__(self, left_pad: bool, fits: int, always_fails=(), error=torch.OutOfMemoryError):
         self.cfg = type("Cfg", (), {"use_left_pad": left_pad})()
         self.fits, self.always_fails, self.error = fits, set(always_fails), error
-        self.seen = []
+        self.seen, self.rows = [], []
         self.retried_inside_except = False
 
-    def answer_batch(self, batch, visual=None):
+    def answer_batch(self, batch, visual=None, rows=None):
         self.seen.append(batch)
+        self.rows.append(rows)
         # a retry made while the previous error is being handled keeps that attempt's tensors alive
         self.retried_inside_except |= sys.exc_info()[0] is not None
         if len(batch) > self.fits or self.always_fails & set(batch.positions):
@@ -406,6 +407,7 @@ def test_out_of_memory_retries_in_halves_trimmed_as_collated(left_pad, error):
     assert not pipeline.retried_inside_except
     tried = [[0, 1, 2, 3, 4], [0, 1], [0], [1], [2, 3, 4], [2], [3, 4], [3], [4]]
     assert [b.positions for b in pipeline.seen] == tried
+    assert pipeline.rows == [None] + [len(positions) for positions in tried[1:]]  # halves decode at their own size
     for batch, positions in zip(pipeline.seen, tried):
         assert same_batch(batch, collate([items(lengths)[p] for p in positions])), positions
 
@@ -421,10 +423,10 @@ def test_a_record_failing_alone_is_reported_by_the_run(tmp_path, in_fixture, mon
     """Through answer_records: the record lands in the errors file and the others are answered."""
     real = generate.LynxPipeline.answer_batch
 
-    def answer_batch(self, batch, visual=None):
+    def answer_batch(self, batch, visual=None, **kw):
         if 2 in batch.positions:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return real(self, batch, visual)
+        return real(self, batch, visual, **kw)
 
     monkeypatch.setattr(generate.LynxPipeline, "answer_batch", answer_batch)
     assert run_main(fixture_config(), tmp_path) == 2

@@ -1,0 +1,75 @@
+"""transformers' `generate` as a Lynx decoder: the original's decoding keys mapped onto a GenerationConfig."""
+from __future__ import annotations
+
+import warnings
+
+import torch
+from transformers import GenerationConfig
+
+from configs.decoding import DecodingSettings
+
+
+def generation_config(settings: DecodingSettings, pad_id: int, bos_id: int, eos_id: int) -> GenerationConfig:
+    """Map the decoding keys onto transformers' generate.
+
+    `min_length`: the original ran transformers 4.28, whose output for `inputs_embeds` began with a one-token BOS
+    placeholder that `min_length` counted; so `min_length: 2` meant "at least one new token before EOS". transformers
+    5 counts new tokens only, hence `min_new_tokens = min_length - 1`.
+
+    Every option the decoders implement is set here, so a generation_config.json beside the LLM (which `generate`
+    reads for unset keys) cannot make this decoder differ from Lynx's own: `early_stopping` is transformers'
+    default, set explicitly; the sampling keys mean nothing without sampling, nor `length_penalty` with one beam.
+    """
+    options = dict(
+        max_new_tokens=settings.max_new_tokens,
+        min_new_tokens=max(settings.min_length - 1, 0),
+        num_beams=settings.num_beams,
+        do_sample=settings.use_nucleus_sampling,
+        no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        repetition_penalty=settings.repetition_penalty,
+        num_return_sequences=1,
+        pad_token_id=pad_id,
+        bos_token_id=bos_id,
+        eos_token_id=eos_id,
+    )
+    if settings.num_beams > 1:
+        options.update(length_penalty=settings.length_penalty, early_stopping=False)
+    if settings.use_nucleus_sampling:
+        options.update(top_p=settings.top_p, top_k=settings.top_k, temperature=settings.temperature)
+    return GenerationConfig(**options)
+
+
+class HFDecoder:
+    """Decodes with the LLM's own `generate` (transformers 5's rules); one GenerationConfig per distinct settings.
+
+    Sampling draws from torch's global generator, seeded by the run (`--seed`); a `generator` given to a call seeds
+    a private copy of it instead, so that call is reproducible without touching the run's random state.
+    """
+
+    def __init__(self, llm, tokenizer):
+        self.llm = llm
+        self.ids = dict(pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, eos_id=tokenizer.eos_id)
+        self.configs: dict[DecodingSettings, GenerationConfig] = {}
+
+    def generation_config(self, settings: DecodingSettings) -> GenerationConfig:
+        if settings not in self.configs:
+            self.configs[settings] = generation_config(settings, **self.ids)
+        return self.configs[settings]
+
+    @torch.inference_mode()
+    def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, settings: DecodingSettings,
+                 generator: torch.Generator | None = None, rows: int | None = None) -> torch.Tensor:
+        """Generated ids (B, T) without the prompt; pad (greedy, sampling) or the beam filler after EOS. `rows` is
+        the fast decoder's fixed batch shape: nothing to pad here."""
+        gen = self.generation_config(settings)
+        if generator is None:
+            return self._generate(inputs_embeds, attention_mask, gen)
+        seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
+        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
+            torch.manual_seed(seed)
+            return self._generate(inputs_embeds, attention_mask, gen)
+
+    def _generate(self, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:
+        with warnings.catch_warnings():  # n-gram blocking on generated tokens only is what we want
+            warnings.filterwarnings("ignore", message=".*no_repeat_ngram_size.*")
+            return self.llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen)
