@@ -84,22 +84,3 @@ def test_pad_token_follows_the_sentencepiece_vocabulary(tokenizer):
 def test_decode_skips_special_tokens_and_strips(tokenizer):
     word = tokenizer.sp.encode("hello")
     assert tokenizer.decode([tokenizer.bos_id, *word, tokenizer.pad_id, tokenizer.eos_id]) == "hello"
-
-
-def test_base64_images_plain_and_as_data_uri():
-    """The original's base64 image form; a data: URI is accepted too, as for video frames."""
-    import base64
-    import io
-
-    from PIL import Image
-
-    from dataset.media import open_image
-
-    buffer = io.BytesIO()
-    Image.new("RGB", (4, 3), (200, 10, 10)).save(buffer, format="PNG")
-    encoded = base64.b64encode(buffer.getvalue()).decode()
-    for spec in (encoded, "data:image/png;base64," + encoded):
-        image = open_image(spec, index=1)
-        assert image.size == (4, 3) and image.getpixel((0, 0)) == (200, 10, 10)
-    with pytest.raises(RecordError, match="neither an existing file nor valid base64"):
-        open_image("not*base64", index=1)
