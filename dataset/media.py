@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
-from dataset.images import open_image
+from dataset.images import MAX_IMAGE_PIXELS, open_image
 from dataset.video import load_video_frames
 
 # A path with one of these suffixes is a video when the kind is inferred; any other string is an image.
@@ -37,11 +37,12 @@ def image_transform(image_res: int, mean, std) -> transforms.Compose:
 
 @dataclass(frozen=True)
 class MediaOptions:
-    """How media become pixels: the image transform, how many video frames and which."""
+    """How media become pixels: the image transform, how many video frames and which, the largest image accepted."""
 
     transform: Callable
     num_frames: int = 5
     frame_sampling: str = "uniform"
+    max_pixels: int = MAX_IMAGE_PIXELS
 
     @classmethod
     def from_config(cls, cfg) -> "MediaOptions":
@@ -66,12 +67,13 @@ def load_pixels(value, kind: str | None, options: MediaOptions, index=None,
     frames when options.frame_sampling is 'random' (None: Python's global generator)."""
     kind = media_kind(value) if kind is None else kind
     if kind == "image":
-        return options.transform(open_image(value, index))
+        return options.transform(open_image(value, index, options.max_pixels))
     if kind != "video":
         raise ValueError(f"media kind must be 'image' or 'video', got {kind!r}")
     if isinstance(value, Image.Image):
         value = [value]  # one image as a one-frame video, like a .json file holding one base64 image
-    frames = load_video_frames(value, options.num_frames, options.frame_sampling, rng=rng, index=index)
+    frames = load_video_frames(value, options.num_frames, options.frame_sampling, rng=rng, index=index,
+                               max_pixels=options.max_pixels)
     return pixels_of_frames(frames, options.transform)
 
 

@@ -16,6 +16,7 @@ from torchvision import transforms
 
 from errors import RecordError
 from dataset.video import FRAME_SAMPLING, load_video_frames, sample_frame_indices
+from tests.bad_media import write_cut_video
 from tests.video_helpers import frame_colour, write_test_video
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny"
@@ -386,3 +387,11 @@ def test_spec_of_wrong_type():
     _assert_record_error(excinfo, 20, None, "dict")
     with pytest.raises(RecordError):
         load_video_frames([], 5, index=20)
+
+
+def test_video_whose_frames_fail_midway(tmp_path):
+    """The video opens and counts its frames, then decoding the sampled frames fails."""
+    path = write_cut_video(tmp_path, frames=10)
+    with pytest.raises(RecordError) as excinfo:
+        load_video_frames(str(path), 10, index=21)
+    _assert_record_error(excinfo, 21, path, f"cannot decode frames {list(range(10))} of 10")
