@@ -84,3 +84,25 @@ def test_pad_token_follows_the_sentencepiece_vocabulary(tokenizer):
 def test_decode_skips_special_tokens_and_strips(tokenizer):
     word = tokenizer.sp.encode("hello")
     assert tokenizer.decode([tokenizer.bos_id, *word, tokenizer.pad_id, tokenizer.eos_id]) == "hello"
+
+
+@pytest.mark.parametrize("value, got", [(None, "null"), (["a", "b"], "a list"), ({"q": "a"}, "an object"),
+                                        (True, "true")])
+def test_a_prompt_field_that_is_not_text_is_a_record_error(value, got):
+    """The original would ask about "none", "['a', 'b']" or "true": refused, naming the field."""
+    with pytest.raises(RecordError) as excinfo:
+        format_prompt(TEMPLATE, {"question": value}, lower_text=True, index=9)
+    assert excinfo.value.index == 9
+    assert excinfo.value.reason == f"'question' must be text or a number, got {got}"
+    with pytest.raises(RecordError, match="'dataset' must be text or a number, got null"):
+        format_prompt("{dataset}: {question}", {"question": "Why?", "dataset": None}, lower_text=True)
+
+
+def test_numbers_are_formatted_as_the_original_formats_them():
+    assert format_prompt(TEMPLATE, {"question": 42}, lower_text=True) == "user: 42\nbot:"
+    assert format_prompt("{question} {index}", {"question": 2.5, "index": 7}, lower_text=False) == "2.5 7"
+
+
+def test_fields_the_template_does_not_use_are_not_checked():
+    assert format_prompt(TEMPLATE, {"question": "Hi", "answer": None, "video": ["x"]}, lower_text=True) == \
+        "user: hi\nbot:"

@@ -1,6 +1,6 @@
-"""Per-record problems through a whole run with the shipped `data.num_workers: 4`: each bad record becomes one line of
-the errors file (read and decoded in a DataLoader worker, the RecordError crosses to the main process), every other
-record is answered, and the run ends with exit status 2 and no traceback."""
+"""Per-record problems (media, and questions that are not text) through a whole run with the shipped
+`data.num_workers: 4`: each bad record becomes one line of the errors file (read and decoded in a DataLoader worker,
+the RecordError crosses to the main process), every other record is answered, and the run ends with exit status 2."""
 from __future__ import annotations
 
 import base64
@@ -17,7 +17,8 @@ from conftest import FIXTURE, fixture_config, read_jsonl
 
 
 def bad_media(folder) -> dict:
-    """kind -> (the record's media fields, the start of the reason its errors line must hold)."""
+    """kind -> (the record's media fields, and its question where that is the problem; the start of the reason its
+    errors line must hold)."""
     (folder / "huge.png").write_bytes(png_header(20_000, 10_000))
     whole = (FIXTURE / "images" / "img_c.jpg").read_bytes()
     (folder / "truncated.jpg").write_bytes(whole[: len(whole) // 2])
@@ -34,6 +35,10 @@ def bad_media(folder) -> dict:
         "16-bit-image": ({"image": str(folder / "wide.png")},
                          "cannot read the image (mode I;16 has more than 8 bits per channel"),
         "video-failing-midway": ({"video": str(cut)}, "cannot decode frames [0, 1, 2, 3, 4] of 5"),
+        "null-question": ({"image": "images/img_b.jpg", "question": None},
+                          "'question' must be text or a number, got null"),
+        "list-question": ({"image": "images/img_b.jpg", "question": ["What?", "Why?"]},
+                          "'question' must be text or a number, got a list"),
     }
 
 
@@ -49,6 +54,7 @@ def run(tmp_path_factory):
     frames = [Image.new("RGB", (90, 60), colour) for colour in ((250, 0, 0), (0, 0, 250))]
     frames[0].save(gif, save_all=True, append_images=frames[1:], duration=100)
     good.append({"image": str(gif)})
+    good.append({"image": "images/img_b.jpg", "question": 42})  # a number is formatted, as the original does
     rows = [{"index": f"good-{n}", "question": "What is in the image?", **media} for n, media in enumerate(good)]
     for kind, (media, _) in kinds.items():
         rows.insert(len(rows) // 2, {"index": kind, "question": "What is in the image?", **media})
@@ -75,11 +81,11 @@ def test_every_bad_record_is_its_own_error_and_the_rest_is_answered(run):
     assert run["status"] == 2
     assert sorted(run["errors"]) == sorted(run["kinds"])
     assert run["answered"] == [row["index"] for row in run["rows"] if row["index"] not in run["kinds"]]
-    assert len(run["answered"]) == 4  # CMYK and animated images are answered, as the original answers them
+    assert len(run["answered"]) == 5  # CMYK and animated images are answered, as the original answers them
 
 
 @pytest.mark.parametrize("kind", ["huge-image", "huge-base64", "truncated-image", "empty-image", "16-bit-image",
-                                  "video-failing-midway"])
+                                  "video-failing-midway", "null-question", "list-question"])
 def test_reason_in_the_errors_file(run, kind):
     reason = run["kinds"][kind][1]
     assert run["errors"][kind]["reason"].startswith(reason), run["errors"][kind]["reason"]
