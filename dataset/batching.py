@@ -5,7 +5,6 @@ caller decides (log it and go on, or stop with --strict).
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -52,9 +51,8 @@ class LynxEvalDataset(Dataset):
             text = format_prompt(self.cfg.prompt, record.fields, self.cfg.lower_text, record.index)
             input_ids = self.tokenizer.encode(text, self.cfg.max_input_tokens)
             value = record.media(self.cfg.vision_prompt_dict)
-            rng = random.Random(f"{self.seed}:{position}")  # 'random' frame sampling, reproducible per record
             pixels = load_pixels(value, record.media_kind(self.cfg.vision_prompt_dict), self.media, record.index,
-                                 rng=rng)
+                                 rng=self.media.frame_rng(self.seed, record.index, value))
         except RecordError as err:
             return Item(position, error=err)
         return Item(position, pixels, input_ids)

@@ -9,6 +9,8 @@ None infers it from the value (the Python API). Every problem is a RecordError n
 """
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 import random
 from dataclasses import dataclass
@@ -48,6 +50,15 @@ class MediaOptions:
     def from_config(cls, cfg) -> "MediaOptions":
         return cls(image_transform(cfg.image_res, cfg.image_mean, cfg.image_std), cfg.data.num_frames,
                    cfg.data.frame_sampling)
+
+    def frame_rng(self, seed: int, index, value) -> random.Random | None:
+        """The generator of a record's random frame choice, keyed on the seed and the record's index and media
+        value, not on its place in the file: a record gets the same frames in any file order, in any process of a
+        run and when a run resumes. None with uniform sampling, which draws nothing."""
+        if self.frame_sampling != "random":
+            return None
+        content = json.dumps([index, value], sort_keys=True)
+        return random.Random(f"{seed}:{hashlib.sha256(content.encode()).hexdigest()}")
 
 
 def media_kind(value) -> str:

@@ -10,8 +10,10 @@ from PIL import Image, PngImagePlugin
 
 from bad_media import image_bytes, png_header
 from conftest import FIXTURE
+from configs.schema import config_from_dict
 from dataset.images import MAX_IMAGE_PIXELS, open_image
-from dataset.video import load_video_frames
+from dataset.media import MediaOptions
+from dataset.video import load_video_frames, sample_frame_indices
 from errors import RecordError
 
 
@@ -132,3 +134,27 @@ def test_frames_obey_the_same_rules():
         load_video_frames([huge], 2, index=3)
     with pytest.raises(RecordError, match="frame 1 is not a readable image: 11 x 10 pixels"):
         load_video_frames([Image.new("RGB", (10, 10)), Image.new("RGB", (11, 10))], 2, index=3, max_pixels=100)
+
+
+# ---------------------------------------------------------------- options made once from the config
+
+
+def test_random_frames_are_keyed_on_the_seed_and_the_record():
+    random_options = MediaOptions(transform=None, num_frames=5, frame_sampling="random")
+    assert MediaOptions(transform=None, frame_sampling="uniform").frame_rng(0, 1, "a.mp4") is None
+
+    def draws(seed, index, value):
+        return sample_frame_indices(40, 5, "random", random_options.frame_rng(seed, index, value))
+
+    first = draws(42, 1, "videos/a.mp4")
+    assert draws(42, 1, "videos/a.mp4") == first
+    assert all(draws(*key) != first for key in [(43, 1, "videos/a.mp4"), (42, 2, "videos/a.mp4"),
+                                                (42, 1, "videos/b.mp4"), (42, "1", "videos/a.mp4")])
+
+
+def test_options_from_the_config():
+    cfg = config_from_dict({"image_res": 28, "vit": {"patch_size": 14, "embed_dim": 8, "depth": 1, "num_heads": 1},
+                            "data": {"num_frames": 3, "frame_sampling": "random"}})
+    options = MediaOptions.from_config(cfg)
+    assert (options.num_frames, options.frame_sampling, options.max_pixels) == (3, "random", MAX_IMAGE_PIXELS)
+    assert options.transform(Image.new("RGB", (50, 40))).shape == (3, 28, 28)
