@@ -64,6 +64,7 @@ class LynxPipeline:
     def from_config(cls, config: str | LynxConfig, device: str | None = None, overrides=()) -> "LynxPipeline":
         cfg = config if isinstance(config, LynxConfig) else load_config(config, overrides)
         device = device or default_device()
+        check_device(device)
         model, tokenizer = build_lynx(cfg, device)
         return cls(cfg, model, tokenizer, device)
 
@@ -88,13 +89,17 @@ class LynxPipeline:
         return [lemmatize(self.lemmatizer, a) for a in answers] if self.lemmatizer else answers
 
     def answer(self, pairs, settings: DecodingSettings | None = None, **fields) -> list[str]:
-        """Answer [(media, question), ...] in one batch. Media: an image path (str or Path), a
+        """Answer [(media, question), ...] in one batch ([] for no pairs). Media: an image path (str or Path), a
         PIL image, base64 text or a data URI, a video path (a suffix such as .mp4, or .json for a frame file), or a
         list of frames (PIL images or base64 strings) of any length, sampled to num_frames like a video. One call
         takes images or videos, not both. `settings`: decoding for this call (default: the config's, e.g.
         `lynx.settings.replace(num_beams=1, use_nucleus_sampling=False)` for greedy). Extra `fields` fill other
         placeholders of the prompt. A pair that cannot be used raises RecordError naming it by its place."""
         pairs = list(pairs)
+        if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
+            raise ValueError('answer() takes a list of (media, question) pairs, e.g. [("cat.jpg", "What is it?")]')
+        if not pairs:
+            return []
         kinds = {media_kind(media) for media, _ in pairs}
         if len(kinds) > 1:
             raise ValueError("answer() takes either images or videos in one call, not both: call it once for each")

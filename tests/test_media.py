@@ -12,7 +12,7 @@ from bad_media import image_bytes, png_header
 from conftest import FIXTURE
 from configs.schema import config_from_dict
 from dataset.images import MAX_IMAGE_PIXELS, open_image
-from dataset.media import MediaOptions
+from dataset.media import MediaOptions, media_kind
 from dataset.video import load_video_frames, sample_frame_indices
 from errors import RecordError
 
@@ -158,3 +158,14 @@ def test_options_from_the_config():
     options = MediaOptions.from_config(cfg)
     assert (options.num_frames, options.frame_sampling, options.max_pixels) == (3, "random", MAX_IMAGE_PIXELS)
     assert options.transform(Image.new("RGB", (50, 40))).shape == (3, 28, 28)
+
+
+def test_kind_inferred_from_the_value():
+    from pathlib import Path
+
+    encoded = base64.b64encode(image_bytes(Image.new("RGB", (4, 4)), "PNG")).decode()
+    videos = ["clip.mp4", "CLIP.MOV", Path("a/clip.webm"), "frames.json", Path("frames.json"), ["x"], ("x", "y")]
+    images = ["cat.jpg", Path("cat.JPEG"), Path("scan.tif"), encoded, "data:image/png;base64," + encoded,
+              Image.new("RGB", (4, 4))]
+    assert [media_kind(value) for value in videos] == ["video"] * len(videos)
+    assert [media_kind(value) for value in images] == ["image"] * len(images)
