@@ -6,13 +6,14 @@ import warnings
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image, PngImagePlugin
 
 from bad_media import image_bytes, png_header
 from conftest import FIXTURE
 from configs.schema import config_from_dict
 from dataset.images import MAX_IMAGE_PIXELS, open_image
-from dataset.media import MediaOptions, media_kind
+from dataset.media import MediaOptions, image_transform, load_pixels, media_kind
 from dataset.video import load_video_frames, sample_frame_indices
 from errors import RecordError
 
@@ -169,3 +170,12 @@ def test_kind_inferred_from_the_value():
               Image.new("RGB", (4, 4))]
     assert [media_kind(value) for value in videos] == ["video"] * len(videos)
     assert [media_kind(value) for value in images] == ["image"] * len(images)
+
+
+def test_one_image_as_a_video_and_an_unknown_kind():
+    options = MediaOptions(transform=image_transform(28, [0.5] * 3, [0.5] * 3), num_frames=3)
+    pixels = load_pixels(Image.new("RGB", (40, 30), (255, 0, 0)), "video", options)
+    assert pixels.shape == (3, 3, 28, 28) and torch.equal(pixels[0], pixels[2])
+    assert load_pixels(Image.new("RGB", (40, 30)), None, options).shape == (3, 28, 28)
+    with pytest.raises(ValueError, match="media kind must be 'image' or 'video', got 'audio'"):
+        load_pixels("a.wav", "audio", options)
