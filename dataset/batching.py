@@ -5,7 +5,6 @@ caller decides (log it and go on, or stop with --strict).
 """
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -13,14 +12,24 @@ import torch
 from torch.utils.data import Dataset
 
 from configs.schema import LynxConfig
-from errors import RecordError
-from dataset.media import image_transform, open_image, pixels_of_frames
+from dataset.media import MediaOptions, load_pixels
 from dataset.prompt import format_prompt, pad_batch
 from dataset.records import Record
-from dataset.video import load_video_frames
+from errors import RecordError
 
 if TYPE_CHECKING:
     from models.tokenizer import LynxTokenizer
+
+
+@dataclass
+class Item:
+    """One record made ready for the model: its pixels and prompt ids, or the RecordError that stopped it.
+    `position` is where the record sits in the caller's list (the dataset's records, the API's pairs)."""
+
+    position: int
+    pixel_values: torch.Tensor | None = None
+    input_ids: list[int] | None = None
+    error: RecordError | None = None
 
 
 class LynxEvalDataset(Dataset):
@@ -31,29 +40,22 @@ class LynxEvalDataset(Dataset):
         self.cfg = cfg
         self.tokenizer = tokenizer
         self.seed = seed
-        self.transform = image_transform(cfg.image_res, cfg.image_mean, cfg.image_std)
+        self.media = MediaOptions.from_config(cfg)
 
     def __len__(self) -> int:
         return len(self.records)
 
-    def load_pixels(self, record: Record, position: int) -> torch.Tensor:
-        spec = record.media(self.cfg.vision_prompt_dict)
-        if record.media_kind(self.cfg.vision_prompt_dict) == "image":
-            return self.transform(open_image(spec, record.index))
-        rng = random.Random(f"{self.seed}:{position}")  # 'random' frame sampling, reproducible per record
-        frames = load_video_frames(spec, self.cfg.data.num_frames, self.cfg.data.frame_sampling, rng=rng,
-                                   index=record.index)
-        return pixels_of_frames(frames, self.transform)
-
-    def __getitem__(self, position: int) -> dict:
+    def __getitem__(self, position: int) -> Item:
         record = self.records[position]
         try:
             text = format_prompt(self.cfg.prompt, record.fields, self.cfg.lower_text, record.index)
             input_ids = self.tokenizer.encode(text, self.cfg.max_input_tokens)
-            pixels = self.load_pixels(record, position)
+            value = record.media(self.cfg.vision_prompt_dict)
+            pixels = load_pixels(value, record.media_kind(self.cfg.vision_prompt_dict), self.media, record.index,
+                                 rng=self.media.frame_rng(self.seed, record.index, value))
         except RecordError as err:
-            return {"position": position, "error": err}
-        return {"position": position, "pixel_values": pixels, "input_ids": input_ids, "error": None}
+            return Item(position, error=err)
+        return Item(position, pixels, input_ids)
 
 
 @dataclass
@@ -75,14 +77,14 @@ class Collator:
         self.pad_id = pad_id
         self.left_pad = left_pad
 
-    def __call__(self, items: list[dict]) -> Batch:
-        good = [item for item in items if item["error"] is None]
-        failures = [(item["position"], item["error"]) for item in items if item["error"] is not None]
+    def __call__(self, items: list[Item]) -> Batch:
+        good = [item for item in items if item.error is None]
+        failures = [(item.position, item.error) for item in items if item.error is not None]
         if not good:
             return Batch([], None, None, None, failures)
-        input_ids, mask = pad_batch([item["input_ids"] for item in good], self.pad_id, self.left_pad)
-        pixels = torch.stack([item["pixel_values"] for item in good])
-        return Batch([item["position"] for item in good], pixels, input_ids, mask, failures)
+        input_ids, mask = pad_batch([item.input_ids for item in good], self.pad_id, self.left_pad)
+        pixels = torch.stack([item.pixel_values for item in good])
+        return Batch([item.position for item in good], pixels, input_ids, mask, failures)
 
 
 def batches_by_media(records: list[Record], positions: list[int], vision_key: str, batch_size: int) -> list[list[int]]:

@@ -6,20 +6,47 @@ Quirks reproduced on purpose (they change answers):
 """
 from __future__ import annotations
 
+import json
+
 import torch
 
 from errors import RecordError
 
 
 def format_prompt(template: str, record: dict, lower_text: bool, index=None) -> str:
-    """`template.format_map(record).strip()`, lowered when `lower_text`."""
+    """`template.format_map(record).strip()`, lowered when `lower_text`. A field the template uses must be text or
+    a number (formatted as the original does: 42 -> "42"); null, true/false, a list or an object is a RecordError,
+    where the original would have asked about "none" or "['a', 'b']"."""
     try:
-        text = template.format_map(record).strip()
+        text = template.format_map(_PromptFields(record, index)).strip()
     except KeyError as err:
         raise RecordError(index, f"the prompt needs field {err} which the record lacks") from None
     except (ValueError, IndexError, AttributeError) as err:
         raise RecordError(index, f"cannot fill the prompt template: {err}") from None
     return text.lower() if lower_text else text
+
+
+class _PromptFields:
+    """The record as format_map sees it: each field the template names is checked when it is looked up."""
+
+    def __init__(self, record: dict, index):
+        self.record, self.index = record, index
+
+    def __getitem__(self, key):
+        value = self.record[key]
+        if isinstance(value, bool) or not isinstance(value, (str, int, float)):
+            raise RecordError(self.index, f"'{key}' must be text or a number, got {_json_kind(value)}")
+        return value
+
+
+def _json_kind(value) -> str:
+    if value is None or isinstance(value, bool):
+        return json.dumps(value)
+    if isinstance(value, (list, tuple)):
+        return "a list"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

@@ -3,22 +3,21 @@
 A record's `video` value takes one of three forms (as in the released Open-VQA files and the original's
 dataset code): a path to a video container (.mp4 and whatever else decord reads), a path to a .json file
 holding a list of base64-encoded frames (or a single base64 image string), or the list of base64 frames
-inline. Frames come back as PIL RGB images; the caller applies the image transform to each.
+inline. The Python API may also give a list of PIL images. Frames come back as PIL RGB images; the caller
+applies the image transform to each.
 """
 
 from __future__ import annotations
 
-import base64
-import binascii
-import io
 import json
 import os
 import random
 import re
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
 from configs.schema import FRAME_SAMPLING
+from dataset.images import MAX_IMAGE_PIXELS, ImageProblem, decode_base64, rgb_image
 from errors import RecordError
 
 
@@ -74,15 +73,15 @@ def sample_frame_indices(num_source_frames, num_frames, sampling="uniform", rng=
     return ids
 
 
-def load_video_frames(spec, num_frames, sampling="uniform", rng=None, index=None):
+def load_video_frames(spec, num_frames, sampling="uniform", rng=None, index=None, max_pixels=MAX_IMAGE_PIXELS):
     """Decode the sampled frames of a record's `video` value into num_frames PIL RGB images.
 
     Anything wrong with the media (missing or empty file, undecodable video, bad base64 or JSON, a frame
-    that is not an image) raises RecordError naming the record index and the file, so the caller can
-    report it and go on with the other records.
+    that is not an image or is larger than max_pixels) raises RecordError naming the record index and the
+    file, so the caller can report it and go on with the other records.
     """
     if isinstance(spec, (list, tuple)):
-        return _frames_from_base64_list(list(spec), num_frames, sampling, rng, index, path=None)
+        return _frames_from_list(list(spec), num_frames, sampling, rng, index, None, max_pixels)
     if not isinstance(spec, (str, os.PathLike)):
         raise RecordError(index, f"video must be a path or a list of base64 frames, got {type(spec).__name__}")
 
@@ -94,7 +93,7 @@ def load_video_frames(spec, num_frames, sampling="uniform", rng=None, index=None
     if os.path.getsize(path) == 0:
         raise RecordError(index, "video file is empty (0 bytes)", path)
     if path.lower().endswith(".json"):
-        return _frames_from_json_file(path, num_frames, sampling, rng, index)
+        return _frames_from_json_file(path, num_frames, sampling, rng, index, max_pixels)
     return _frames_from_container(path, num_frames, sampling, rng, index)
 
 
@@ -118,7 +117,7 @@ def _frames_from_container(path, num_frames, sampling, rng, index):
     return [Image.fromarray(frame).convert("RGB") for frame in batch]
 
 
-def _frames_from_json_file(path, num_frames, sampling, rng, index):
+def _frames_from_json_file(path, num_frames, sampling, rng, index, max_pixels):
     """A .json file holds a list of base64 frames, or one base64 image used as a one-frame video."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -131,35 +130,32 @@ def _frames_from_json_file(path, num_frames, sampling, rng, index):
         raise RecordError(
             index, f"JSON must hold a list of base64 frames or one base64 string, got {type(content).__name__}", path
         )
-    return _frames_from_base64_list(content, num_frames, sampling, rng, index, path)
+    return _frames_from_list(content, num_frames, sampling, rng, index, path, max_pixels)
 
 
-def _frames_from_base64_list(frames, num_frames, sampling, rng, index, path):
+def _frames_from_list(frames, num_frames, sampling, rng, index, path, max_pixels):
+    """Frames given one by one (base64 strings or PIL images): only the sampled ones are decoded."""
     if not frames:
         raise RecordError(index, "video has no frames (empty base64 frame list)", path)
     ids = sample_frame_indices(len(frames), num_frames, sampling, rng)
     decoded = {}
     for i in sorted(set(ids)):
-        decoded[i] = _decode_base64_image(frames[i], i, index, path)
+        decoded[i] = _frame(frames[i], i, index, path, max_pixels)
     return [decoded[i] for i in ids]
 
 
-def _decode_base64_image(value, position, index, path):
-    if not isinstance(value, str):
+def _frame(value, position, index, path, max_pixels):
+    if isinstance(value, str):
+        try:
+            value = decode_base64(value)
+        except ValueError as exc:
+            raise RecordError(index, f"frame {position} is not valid base64: {exc}", path) from exc
+    elif not isinstance(value, Image.Image):
         raise RecordError(index, f"frame {position} is a {type(value).__name__}, not a base64 string", path)
-    text = value.strip()
-    if text.startswith("data:") and "," in text:  # data URI: data:image/png;base64,....
-        text = text.split(",", 1)[1]
-    text = "".join(text.split())  # line-wrapped base64 is fine; any other stray character is not
     try:
-        data = base64.b64decode(text, validate=True)
-    except (binascii.Error, ValueError) as exc:
-        raise RecordError(index, f"frame {position} is not valid base64: {exc}", path) from exc
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError) as exc:
-        raise RecordError(index, f"frame {position} is not a readable image: {_first_line(exc)}", path) from exc
+        return rgb_image(value, max_pixels)
+    except ImageProblem as problem:
+        raise RecordError(index, f"frame {position} is not a readable image: {problem}", path) from None
 
 
 def _first_line(exc):

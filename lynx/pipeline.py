@@ -7,17 +7,16 @@
 from __future__ import annotations
 
 import random
+from functools import cached_property
 
 import numpy as np
 import torch
-from PIL import Image
 
 from configs.schema import LynxConfig, load_config
-from dataset.batching import Batch, Collator
+from dataset.batching import Batch, Collator, Item
 from errors import InputError
-from dataset.media import image_transform, open_image, pixels_of_frames
+from dataset.media import MediaOptions, image_transform, load_pixels, media_kind
 from dataset.prompt import format_prompt
-from dataset.video import load_video_frames
 from configs.decoding import DecodingSettings
 from decoding import make_decoder
 from models.build import build_lynx
@@ -47,9 +46,6 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
-VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".json")  # answer(): a path that is a video
-
-
 class LynxPipeline:
     def __init__(self, cfg: LynxConfig, model, tokenizer, device: str):
         self.cfg = cfg
@@ -66,6 +62,7 @@ class LynxPipeline:
     def from_config(cls, config: str | LynxConfig, device: str | None = None, overrides=()) -> "LynxPipeline":
         cfg = config if isinstance(config, LynxConfig) else load_config(config, overrides)
         device = device or default_device()
+        check_device(device)
         model, tokenizer = build_lynx(cfg, device)
         return cls(cfg, model, tokenizer, device)
 
@@ -84,30 +81,35 @@ class LynxPipeline:
         return [lemmatize(self.lemmatizer, a) for a in answers] if self.lemmatizer else answers
 
     def answer(self, pairs, settings: DecodingSettings | None = None, **fields) -> list[str]:
-        """Answer [(media, question), ...]. Media: an image path, a PIL image, a base64 image, a video path, or a
-        list of frames (PIL images or base64 strings). `settings`: decoding for this call (default: the config's,
-        e.g. `lynx.settings.replace(num_beams=1, use_nucleus_sampling=False)` for greedy). Extra `fields` fill other
-        placeholders of the prompt."""
-        items = []
-        for media, question in pairs:
-            text = format_prompt(self.cfg.prompt, {**fields, "question": question}, self.cfg.lower_text)
-            items.append({"position": len(items), "error": None, "pixel_values": self._pixels(media),
-                          "input_ids": self.tokenizer.encode(text, self.cfg.max_input_tokens)})
-        kinds = {item["pixel_values"].ndim for item in items}
+        """Answer [(media, question), ...] in one batch ([] for no pairs). Media: an image path (str or Path), a
+        PIL image, base64 text or a data URI, a video path (a suffix such as .mp4, or .json for a frame file), or a
+        list of frames (PIL images or base64 strings) of any length, sampled to num_frames like a video. One call
+        takes images or videos, not both. `settings`: decoding for this call (default: the config's, e.g.
+        `lynx.settings.replace(num_beams=1, use_nucleus_sampling=False)` for greedy). Extra `fields` fill other
+        placeholders of the prompt. A pair that cannot be used raises RecordError naming it by its place."""
+        pairs = list(pairs)
+        if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
+            raise ValueError('answer() takes a list of (media, question) pairs, e.g. [("cat.jpg", "What is it?")]')
+        if not pairs:
+            return []
+        kinds = {media_kind(media) for media, _ in pairs}
         if len(kinds) > 1:
-            raise ValueError("answer() takes either images or videos in one call, not both")
+            raise ValueError("answer() takes either images or videos in one call, not both: call it once for each")
+        items = []
+        for i, (media, question) in enumerate(pairs):
+            text = format_prompt(self.cfg.prompt, {**fields, "question": question}, self.cfg.lower_text, index=i)
+            ids = self.tokenizer.encode(text, self.cfg.max_input_tokens)
+            items.append(Item(i, self._pixels(media, index=i), ids))
         return self.answer_batch(self.collate(items), settings=settings)
 
-    def _pixels(self, media) -> torch.Tensor:
-        if isinstance(media, Image.Image):
-            return self.transform(media.convert("RGB"))
-        if isinstance(media, (list, tuple)) and media and isinstance(media[0], Image.Image):
-            return pixels_of_frames([f.convert("RGB") for f in media], self.transform)
-        if isinstance(media, str) and not media.lower().endswith(VIDEO_SUFFIXES):
-            return self.transform(open_image(media))
-        frames = load_video_frames(media, self.cfg.data.num_frames, self.cfg.data.frame_sampling)
-        return pixels_of_frames(frames, self.transform)
+    @cached_property
+    def media(self) -> MediaOptions:
+        """Transform, frame count and sampling of the config, made once."""
+        return MediaOptions.from_config(self.cfg)
 
+    def _pixels(self, media, kind: str | None = None, index=None) -> torch.Tensor:
+        """Pixels of one media value, its kind inferred unless given (see `answer`)."""
+        return load_pixels(media, kind, self.media, index)
 
 
 def load_lemmatizer():

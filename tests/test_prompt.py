@@ -86,20 +86,23 @@ def test_decode_skips_special_tokens_and_strips(tokenizer):
     assert tokenizer.decode([tokenizer.bos_id, *word, tokenizer.pad_id, tokenizer.eos_id]) == "hello"
 
 
-def test_base64_images_plain_and_as_data_uri():
-    """The original's base64 image form; a data: URI is accepted too, as for video frames."""
-    import base64
-    import io
+@pytest.mark.parametrize("value, got", [(None, "null"), (["a", "b"], "a list"), ({"q": "a"}, "an object"),
+                                        (True, "true")])
+def test_a_prompt_field_that_is_not_text_is_a_record_error(value, got):
+    """The original would ask about "none", "['a', 'b']" or "true": refused, naming the field."""
+    with pytest.raises(RecordError) as excinfo:
+        format_prompt(TEMPLATE, {"question": value}, lower_text=True, index=9)
+    assert excinfo.value.index == 9
+    assert excinfo.value.reason == f"'question' must be text or a number, got {got}"
+    with pytest.raises(RecordError, match="'dataset' must be text or a number, got null"):
+        format_prompt("{dataset}: {question}", {"question": "Why?", "dataset": None}, lower_text=True)
 
-    from PIL import Image
 
-    from dataset.media import open_image
+def test_numbers_are_formatted_as_the_original_formats_them():
+    assert format_prompt(TEMPLATE, {"question": 42}, lower_text=True) == "user: 42\nbot:"
+    assert format_prompt("{question} {index}", {"question": 2.5, "index": 7}, lower_text=False) == "2.5 7"
 
-    buffer = io.BytesIO()
-    Image.new("RGB", (4, 3), (200, 10, 10)).save(buffer, format="PNG")
-    encoded = base64.b64encode(buffer.getvalue()).decode()
-    for spec in (encoded, "data:image/png;base64," + encoded):
-        image = open_image(spec, index=1)
-        assert image.size == (4, 3) and image.getpixel((0, 0)) == (200, 10, 10)
-    with pytest.raises(RecordError, match="neither an existing file nor valid base64"):
-        open_image("not*base64", index=1)
+
+def test_fields_the_template_does_not_use_are_not_checked():
+    assert format_prompt(TEMPLATE, {"question": "Hi", "answer": None, "video": ["x"]}, lower_text=True) == \
+        "user: hi\nbot:"

@@ -18,7 +18,7 @@ import torch
 import yaml
 
 import generate
-from dataset.batching import Collator
+from dataset.batching import Collator, Item
 from lynx.answers import AnswerStore
 from lynx.run import Progress, answer_with_retry
 from tests.conftest import FIXTURE, fixture_config, read_jsonl
@@ -384,8 +384,8 @@ class FakePipeline:
 
 def items(lengths):
     """Collate items with prompts of the given lengths (distinct ids, so a wrong trim shows)."""
-    return [{"position": p, "error": None, "pixel_values": torch.full((3, 4, 4), float(p)),
-             "input_ids": list(range(100 * p + 1, 100 * p + 1 + n))} for p, n in enumerate(lengths)]
+    return [Item(p, torch.full((3, 4, 4), float(p)), list(range(100 * p + 1, 100 * p + 1 + n)))
+            for p, n in enumerate(lengths)]
 
 
 def same_batch(a, b) -> bool:

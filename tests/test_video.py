@@ -16,6 +16,7 @@ from torchvision import transforms
 
 from errors import RecordError
 from dataset.video import FRAME_SAMPLING, load_video_frames, sample_frame_indices
+from tests.bad_media import write_cut_video
 from tests.video_helpers import frame_colour, write_test_video
 
 FIXTURE = Path(__file__).parent / "fixtures" / "tiny"
@@ -72,13 +73,18 @@ def test_uniform_is_not_linspace_rounding():
     assert sample_frame_indices(7, 5) == [0, 2, 4, 5, 6]
 
 
-@pytest.mark.parametrize("num_frames", [4, 5, 8])
-@pytest.mark.parametrize("n", range(1, 41))
-def test_uniform_rule(n, num_frames):
-    ids = sample_frame_indices(n, num_frames)
-    assert ids == expected_uniform(n, num_frames)
-    if n < num_frames:
-        assert ids == sorted(i % n for i in range(num_frames))
+LENGTHS = range(1, 41)  # videos of 1 to 40 frames
+FRAME_COUNTS = (4, 5, 8)  # num_frames: below, at and above the fixture's 5
+
+
+def test_uniform_rule_for_every_length():
+    for num_frames in FRAME_COUNTS:
+        for n in LENGTHS:
+            ids = sample_frame_indices(n, num_frames)
+            where = f"{n} frames, num_frames {num_frames}"
+            assert ids == expected_uniform(n, num_frames), f"{where}: {ids}"
+            if n < num_frames:
+                assert ids == sorted(i % n for i in range(num_frames)), f"{where}: {ids}"
 
 
 def test_short_video_repeats_sorted():
@@ -88,20 +94,21 @@ def test_short_video_repeats_sorted():
     assert sample_frame_indices(3, 8) == [0, 0, 0, 1, 1, 1, 2, 2]
 
 
-@pytest.mark.parametrize("num_frames", [4, 5, 8])
-@pytest.mark.parametrize("n", range(1, 41))
-def test_random_rule(n, num_frames):
-    rng = random.Random(1000 * n + num_frames)
-    for _ in range(20):
-        ids = sample_frame_indices(n, num_frames, "random", rng)
-        assert len(ids) == num_frames
-        assert ids == sorted(ids)
-        assert all(0 <= i < n for i in ids)
-        if n <= num_frames:
-            assert set(ids) == set(range(n))  # every frame once, the rest random repeats
-        else:
-            assert len(set(ids)) == num_frames
-            assert fits_some_segmentation(ids, n, num_frames), ids
+def test_random_rule_for_every_length():
+    for num_frames in FRAME_COUNTS:
+        for n in LENGTHS:
+            rng = random.Random(1000 * n + num_frames)
+            for _ in range(20):
+                ids = sample_frame_indices(n, num_frames, "random", rng)
+                where = f"{n} frames, num_frames {num_frames}: {ids}"
+                assert len(ids) == num_frames, where
+                assert ids == sorted(ids), where
+                assert all(0 <= i < n for i in ids), where
+                if n <= num_frames:
+                    assert set(ids) == set(range(n)), where  # every frame once, the rest random repeats
+                else:
+                    assert len(set(ids)) == num_frames, where
+                    assert fits_some_segmentation(ids, n, num_frames), where
 
 
 def test_random_reaches_every_frame_and_varies():
@@ -386,3 +393,11 @@ def test_spec_of_wrong_type():
     _assert_record_error(excinfo, 20, None, "dict")
     with pytest.raises(RecordError):
         load_video_frames([], 5, index=20)
+
+
+def test_video_whose_frames_fail_midway(tmp_path):
+    """The video opens and counts its frames, then decoding the sampled frames fails."""
+    path = write_cut_video(tmp_path, frames=10)
+    with pytest.raises(RecordError) as excinfo:
+        load_video_frames(str(path), 10, index=21)
+    _assert_record_error(excinfo, 21, path, f"cannot decode frames {list(range(10))} of 10")

@@ -5,6 +5,7 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 import generate
@@ -109,3 +110,57 @@ def test_random_frame_sampling_is_reproducible_for_a_seed(tmp_path, monkeypatch)
     assert run(cfg, workdir, first, monkeypatch) == 0
     assert run(cfg, workdir, second, monkeypatch) == 0
     assert first.read_bytes() == second.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def long_video_files(tmp_path_factory):
+    """A working directory with a 23-frame video (more than num_frames) alone in one file, and second in another."""
+    workdir = tmp_path_factory.mktemp("random_frames")
+    shutil.copytree(FIXTURE / "videos", workdir / "videos")
+    write_test_video(workdir / "videos" / "long.mp4", 23, size=(64, 48))
+    long = {"index": 7, "question": "What changes?", "video": "videos/long.mp4"}
+    other = {"index": 1, "question": "What moves?", "video": "videos/clip_b.mp4"}  # 9 frames: it draws too
+    (workdir / "alone.jsonl").write_text(json.dumps(long) + "\n")
+    (workdir / "second.jsonl").write_text(json.dumps(other) + "\n" + json.dumps(long) + "\n")
+    return workdir
+
+
+def pixels_reaching_the_model(workdir, test_file, sampling, seed, tmp_path, monkeypatch):
+    """The pixel rows the model encodes in a generate.py run with the shipped num_workers: 4, one per record."""
+    from models.lynx import Lynx
+
+    seen = []
+    real = Lynx.encode_media
+
+    def encode_media(self, pixel_values):
+        seen.append(pixel_values.detach().clone())
+        return real(self, pixel_values)
+
+    monkeypatch.setattr(Lynx, "encode_media", encode_media)
+    cfg = fixture_config(test_files=[f"./{test_file}"], vision_prompt_dict="video", **TINY_WEIGHTS,
+                         data={"num_frames": 5, "frame_sampling": sampling, "num_workers": 4})
+    output = tmp_path / f"run{len(list(tmp_path.glob('*.yaml')))}.jsonl"
+    path = output.with_suffix(".yaml")
+    path.write_text(yaml.safe_dump(cfg))
+    monkeypatch.chdir(workdir)
+    status = generate.main(["--config", str(path), "--output_path", str(output), "--device", "cpu",
+                            "--seed", str(seed)])
+    monkeypatch.undo()
+    assert status == 0
+    return torch.cat(seen)
+
+
+def test_random_frame_sampling_follows_the_seed_and_the_record_not_its_place(long_video_files, tmp_path,
+                                                                              monkeypatch):
+    def pixels(test_file, sampling, seed):
+        return pixels_reaching_the_model(long_video_files, test_file, sampling, seed, tmp_path, monkeypatch)
+
+    uniform = pixels("alone.jsonl", "uniform", 0)[0]
+    drawn = pixels("alone.jsonl", "random", 0)[0]
+    assert uniform.shape == drawn.shape == (5, 3, 84, 84)
+    assert not torch.equal(drawn, uniform), "random sampling gave the uniform frames"
+    assert torch.equal(pixels("alone.jsonl", "random", 0)[0], drawn), "the same seed drew other frames"
+    assert not torch.equal(pixels("alone.jsonl", "random", 1)[0], drawn), "another seed drew the same frames"
+    moved = pixels("second.jsonl", "random", 0)
+    assert len(moved) == 2
+    assert torch.equal(moved[1], drawn), "the record drew other frames at another place in the file"
