@@ -7,18 +7,17 @@
 from __future__ import annotations
 
 import random
-from functools import cached_property
 
 import numpy as np
 import torch
 
+from configs.decoding import DecodingSettings
 from configs.schema import LynxConfig, load_config
 from dataset.batching import Batch, Collator, Item
-from errors import InputError
-from dataset.media import MediaOptions, image_transform, load_pixels, media_kind
+from dataset.media import MediaOptions, load_pixels, media_kind
 from dataset.prompt import format_prompt
-from configs.decoding import DecodingSettings
 from decoding import make_decoder
+from errors import InputError
 from models.build import build_lynx
 
 
@@ -55,7 +54,7 @@ class LynxPipeline:
         self.settings = DecodingSettings.from_config(cfg)
         self.decoder = make_decoder(cfg, model.LLM, tokenizer, device)
         self.collate = Collator(tokenizer.pad_id, cfg.use_left_pad)
-        self.transform = image_transform(cfg.image_res, cfg.image_mean, cfg.image_std)
+        self.media = MediaOptions.from_config(cfg)  # transform, frame count and sampling, made once
         self.lemmatizer = load_lemmatizer() if cfg.apply_lemmatizer else None
 
     @classmethod
@@ -101,11 +100,6 @@ class LynxPipeline:
             ids = self.tokenizer.encode(text, self.cfg.max_input_tokens)
             items.append(Item(i, self._pixels(media, index=i), ids))
         return self.answer_batch(self.collate(items), settings=settings)
-
-    @cached_property
-    def media(self) -> MediaOptions:
-        """Transform, frame count and sampling of the config, made once."""
-        return MediaOptions.from_config(self.cfg)
 
     def _pixels(self, media, kind: str | None = None, index=None) -> torch.Tensor:
         """Pixels of one media value, its kind inferred unless given (see `answer`)."""
