@@ -91,9 +91,10 @@ class Server:
         req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
         try:
             with urllib.request.urlopen(req, timeout=timeout) as response:
-                status, head, raw = response.status, dict(response.headers), response.read()
+                status, head, raw = response.status, response.headers, response.read()
         except urllib.error.HTTPError as err:
-            status, head, raw = err.code, dict(err.headers), err.read()
+            status, head, raw = err.code, err.headers, err.read()
+        head = {k.lower(): v for k, v in head.items()}
         text = raw.decode()
         try:
             return status, head, json.loads(text)
