@@ -1,7 +1,7 @@
 """The batching engine: one queue, one worker per device, answers through `LynxPipeline.answer`. No HTTP here.
 
 Requests wait in a bounded queue. The worker takes the oldest one, waits up to `window` seconds for more of the same
-batch key (media kind and decoding settings), takes up to `batch_size` of them in arrival order and answers them as
+batch key (media kind, decoding settings and `shape`), takes up to `batch_size` of them in arrival order and answers them as
 one batch on a thread of its own, so the event loop keeps serving. Lynx's answers do not depend on padding or on
 what else is in a batch when decoding is deterministic, so batching changes only the speed.
 
@@ -43,6 +43,7 @@ class Work:
     kind: str  # "image" | "video"
     settings: object
     seed: int | None = None
+    shape: int | None = None  # requests share a batch only when this is equal too (see ChatService.shape)
     future: asyncio.Future | None = field(default=None, repr=False)
     started: bool = False
 
@@ -52,7 +53,7 @@ class Work:
 
     @property
     def key(self):
-        return (self.kind, self.settings, id(self) if self.alone else None)
+        return (self.kind, self.settings, self.shape, id(self) if self.alone else None)
 
 
 def is_out_of_memory(err: BaseException) -> bool:

@@ -56,20 +56,33 @@ class ChatService:
         except InputError as err:
             raise APIError(400, str(err)) from None
 
-    async def answer(self, request: ChatCompletionRequest, http: Request) -> tuple[str, object]:
-        """(answer, settings) for a checked request; waits for the engine, gives up on a client that left."""
+    def prompt_tokens(self, question: str) -> int:
+        """How many text tokens the prompt of `question` has, as the pipeline builds it."""
+        text = format_prompt(self.prompt, {"question": question}, self.lower_text)
+        return len(self.pipeline.tokenizer.encode(text, self.max_input_tokens))
+
+    def shape(self, prompt_tokens: int) -> int | None:
+        """With `use_left_pad: False` a padded row's answer depends on the longer rows of its batch (the original
+        reads the next token off the row's last position, a pad): then only prompts of one length share a batch,
+        so that every answer is the request's own. Left padding (the default) changes no answer."""
+        return None if self.pipeline.cfg.use_left_pad else prompt_tokens
+
+    async def answer(self, request: ChatCompletionRequest, http: Request) -> tuple[str, object, int]:
+        """(answer, settings, prompt tokens) for a checked request; waits for the engine, gives up on a client
+        that left."""
         question, images, videos = conversation(request)
         settings = self.settings(request)
+        prompt_tokens = self.prompt_tokens(question)
         media = await run_in_threadpool(load_media, images, videos, self.limits)
         try:
-            work = Work(media.value, question, media.kind, settings, request.seed)
+            work = Work(media.value, question, media.kind, settings, request.seed, self.shape(prompt_tokens))
             try:
                 future = self.engine.submit(work)
             except QueueFull:
                 raise APIError(503, f"the server is busy: {self.limits.queue_size} requests are waiting or being "
                                     f"answered (--queue-size); try again shortly", code="queue_full",
                                headers={"Retry-After": "1"}) from None
-            return await self._wait(future, http), settings
+            return await self._wait(future, http), settings, prompt_tokens
         finally:
             media.close()
 
@@ -91,18 +104,17 @@ class ChatService:
         except OutOfMemory as err:
             raise APIError(503, str(err), code="out_of_memory") from None
 
-    def usage(self, question: str, answer: str, settings) -> tuple[Usage, str]:
+    def usage(self, prompt_tokens: int, answer: str, settings) -> tuple[Usage, str]:
         """Token counts (the visual prefix counts as prompt tokens) and the finish reason. The pipeline returns
         text, so the answer's tokens are counted by encoding it again."""
-        text = format_prompt(self.prompt, {"question": question}, self.lower_text)
-        prompt = len(self.pipeline.tokenizer.encode(text, self.max_input_tokens)) + self.visual_tokens
+        prompt = prompt_tokens + self.visual_tokens
         completion = len(self.pipeline.tokenizer.encode(answer, 10**9)) - 1  # less the BOS encode() adds
         finish = "length" if completion >= settings.max_new_tokens else "stop"
         return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion), finish
 
     async def complete(self, request: ChatCompletionRequest, http: Request) -> ChatCompletion:
-        answer, settings = await self.answer(request, http)
-        usage, finish = self.usage(conversation(request)[0], answer, settings)
+        answer, settings, prompt_tokens = await self.answer(request, http)
+        usage, finish = self.usage(prompt_tokens, answer, settings)
         return ChatCompletion(model=self.model_name, usage=usage,
                               choices=[Choice(message=AssistantMessage(content=answer), finish_reason=finish)])
 
