@@ -46,12 +46,14 @@ def video_message(question: str, url: str) -> list[dict]:
 class Server:
     """serve.py in its own process. `cwd`: where the config's relative paths resolve."""
 
-    def __init__(self, cfg: dict, tmp_path: Path, *flags: str, cwd: Path = ROOT, api_key: str | None = None):
+    def __init__(self, cfg: dict | Path, tmp_path: Path, *flags: str, cwd: Path = ROOT, api_key: str | None = None):
+        """`cfg`: a config as a dict (written to tmp_path) or the path of a config file."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
-        config = tmp_path / "serve_config.yaml"
-        config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        config = cfg if isinstance(cfg, Path) else tmp_path / "serve_config.yaml"
+        if isinstance(cfg, dict):
+            config.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.log_path = tmp_path / f"server_{self.port}.log"
         cmd = [sys.executable, str(ROOT / "serve.py"), "--config", str(config), "--device", "cpu",
                "--port", str(self.port), *flags]
