@@ -1,9 +1,9 @@
 """The batching engine: one queue, one worker per device, answers through `LynxPipeline.answer`. No HTTP here.
 
 Requests wait in a bounded queue. The worker takes the oldest one, waits up to `window` seconds for more of the same
-batch key (media kind, decoding settings and `shape`), takes up to `batch_size` of them in arrival order and answers them as
-one batch on a thread of its own, so the event loop keeps serving. Lynx's answers do not depend on padding or on
-what else is in a batch when decoding is deterministic, so batching changes only the speed.
+batch key (media kind, decoding settings and `shape`), takes up to `batch_size` of them in arrival order and
+answers them as one batch on a thread of its own, so the event loop keeps serving. Lynx's answers do not depend on
+left padding or on what else is in a batch when decoding is deterministic, so batching changes only the speed.
 
 Sampled decoding with a `seed` runs alone, after `torch.manual_seed(seed)`: the same request and seed give the
 same answer on the same server, whatever else is waiting. Sampled requests without a seed batch together and draw

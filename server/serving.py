@@ -27,7 +27,7 @@ from server.engine import Engine, OutOfMemory, QueueFull, Work
 from server.errors import APIError
 from server.media import load_media
 from server.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-                             ChunkChoice, Delta, Usage, completion_id)
+                             ChunkChoice, Delta, Usage)
 from server.security import Limits
 
 DISCONNECT_POLL_S = 0.1

@@ -8,8 +8,11 @@ whatever the server batches it with (it batches only prompts of equal length the
 from __future__ import annotations
 
 import base64
+import functools
+import http.server
 import json
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -44,7 +47,7 @@ def other(tmp_path_factory):
         assert run.returncode == 0, run.stderr[-3000:]
         answers = {r["index"]: r["text_output"] for r in read_jsonl(out / "answers.jsonl")}
         asked += [(r, answers[r["index"]]) for r in read_jsonl(root / "data" / f"Open_VQA_{kind}_tiny.jsonl")]
-    srv = Server(config(root), root, "--batch-size", "3", "--batch-window-ms", "50", cwd=root)
+    srv = Server(config(root), root, "--batch-size", "3", "--batch-window-ms", "50", "--allow-http-urls", cwd=root)
     try:
         srv.wait_ready()
         yield root, asked, srv
@@ -83,3 +86,20 @@ def test_traversal_and_garbage_get_4xx_and_the_server_goes_on(other):
     status, _, body = srv.request("POST", "/v1/chat/completions", b"\x00\xff garbage")
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     assert "Traceback" not in srv.log()
+
+
+def test_http_urls_are_fetched_when_allowed(other):
+    """--allow-http-urls: the image comes from a web server (here one on 127.0.0.1 serving the fixture's images)."""
+    root, asked, srv = other
+    record, want = asked[0]
+    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
+    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=web.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{web.server_port}/{record['image']}"
+        status, _, body = srv.chat(messages=image_message(record["question"], url))
+        assert status == 200 and answer_of(body) == want, body
+        status, _, body = srv.chat(messages=image_message(record["question"], url + ".missing"))
+        assert status == 400 and "cannot fetch" in body["error"]["message"]
+    finally:
+        web.shutdown()
