@@ -46,8 +46,10 @@ def video_message(question: str, url: str) -> list[dict]:
 class Server:
     """serve.py in its own process. `cwd`: where the config's relative paths resolve."""
 
-    def __init__(self, cfg: dict | Path, tmp_path: Path, *flags: str, cwd: Path = ROOT, api_key: str | None = None):
-        """`cfg`: a config as a dict (written to tmp_path) or the path of a config file."""
+    def __init__(self, cfg: dict | Path, tmp_path: Path, *flags: str, cwd: Path = ROOT, api_key: str | None = None,
+                 device: str = "cpu"):
+        """`cfg`: a config as a dict (written to tmp_path) or the path of a config file. The process runs with one
+        OpenMP thread: several test processes share two cores."""
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
@@ -55,11 +57,11 @@ class Server:
         if isinstance(cfg, dict):
             config.write_text(yaml.safe_dump(cfg, sort_keys=False))
         self.log_path = tmp_path / f"server_{self.port}.log"
-        cmd = [sys.executable, str(ROOT / "serve.py"), "--config", str(config), "--device", "cpu",
+        cmd = [sys.executable, str(ROOT / "serve.py"), "--config", str(config), "--device", device,
                "--port", str(self.port), *flags]
         if api_key:
             cmd += ["--api-key", api_key]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}  # several test processes share two cores
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
