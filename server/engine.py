@@ -20,6 +20,7 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 
@@ -44,6 +45,7 @@ class Work:
     settings: object
     seed: int | None = None
     shape: int | None = None  # requests share a batch only when this is equal too (see ChatService.shape)
+    release: Callable[[], None] = lambda: None  # called once the engine is done with the media (answered or dropped)
     future: asyncio.Future | None = field(default=None, repr=False)
     started: bool = False
 
@@ -106,6 +108,8 @@ class Engine:
             except asyncio.CancelledError:
                 pass
         self.executor.shutdown(wait=True)
+        for work in self.waiting:
+            work.release()
 
     @property
     def queued(self) -> int:
@@ -131,6 +135,7 @@ class Engine:
             self.stats.batches += 1
             self.stats.batch_sizes[len(batch)] += 1
             for work, result in zip(batch, results):
+                work.release()
                 if work.future.done():  # cancelled while it ran: the answer has nobody to go to
                     continue
                 if isinstance(result, BaseException):
@@ -178,6 +183,7 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for work in [w for w in self.waiting if w.future.cancelled()]:
             self.waiting.remove(work)
+            work.release()
             self.stats.dropped += 1
 
     def _answer(self, batch: list[Work]) -> list:

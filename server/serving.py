@@ -74,17 +74,16 @@ class ChatService:
         settings = self.settings(request)
         prompt_tokens = self.prompt_tokens(question)
         media = await run_in_threadpool(load_media, images, videos, self.limits)
+        # The engine removes a temporary video once it is done with it, also when the client has left meanwhile.
+        work = Work(media.value, question, media.kind, settings, request.seed, self.shape(prompt_tokens), media.close)
         try:
-            work = Work(media.value, question, media.kind, settings, request.seed, self.shape(prompt_tokens))
-            try:
-                future = self.engine.submit(work)
-            except QueueFull:
-                raise APIError(503, f"the server is busy: {self.limits.queue_size} requests are waiting or being "
-                                    f"answered (--queue-size); try again shortly", code="queue_full",
-                               headers={"Retry-After": "1"}) from None
-            return await self._wait(future, http), settings, prompt_tokens
-        finally:
+            future = self.engine.submit(work)
+        except QueueFull:
             media.close()
+            raise APIError(503, f"the server is busy: {self.limits.queue_size} requests are waiting or being "
+                                f"answered (--queue-size); try again shortly", code="queue_full",
+                           headers={"Retry-After": "1"}) from None
+        return await self._wait(future, http), settings, prompt_tokens
 
     async def _wait(self, future: asyncio.Future, http: Request) -> str:
         deadline = time.monotonic() + self.limits.request_timeout

@@ -61,7 +61,9 @@ class Server:
                "--port", str(self.port), *flags]
         if api_key:
             cmd += ["--api-key", api_key]
-        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+        self.tmpdir = tmp_path / f"tmp_{self.port}"  # the server's own temporary folder
+        self.tmpdir.mkdir()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.tmpdir)}
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
 

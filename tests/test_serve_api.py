@@ -10,6 +10,7 @@ import base64
 import json
 import os
 import signal
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -256,6 +257,18 @@ def test_a_disconnecting_client_does_not_stop_the_server(server):
                                                             "Authorization": f"Bearer {KEY}"})
         conn.sock.close()  # gone before the answer
     good_request_answers(server)
+
+
+def test_temporary_video_files_are_removed(server, client):
+    """A video_url's bytes live in a temporary file until the engine is done with it, also for clients that left
+    (the test above) and for videos that do not decode."""
+    record = records("video")[0]
+    client.chat.completions.create(model="lynx", messages=messages_of(record))
+    server.chat(messages=video_message("q", "data:video/mp4;base64," + base64.b64encode(b"\0" * 64).decode()))
+    deadline = time.monotonic() + 30
+    while list(server.tmpdir.glob("lynx-video-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(server.tmpdir.glob("lynx-video-*")) == []
 
 
 @pytest.mark.xfail(strict=True, reason="frame lists of any length: pending the media-path change")
