@@ -1,0 +1,116 @@
+"""Serve Lynx over HTTP: an OpenAI-compatible chat endpoint that batches concurrent requests, and a page to try it.
+
+    python serve.py --config configs/LYNX.yaml --device cuda            # http://127.0.0.1:8000
+    python serve.py --config configs/tiny.yaml --device cpu             # the tiny model, no download
+
+Endpoints: GET / (the page), GET /health, GET /v1/models, POST /v1/chat/completions. See docs/serving.md.
+SIGTERM or Ctrl-C: no new connections, the requests in flight are answered, then the process ends by that signal
+(status 143 or 130 in a shell, as uvicorn ends). Exit status 1: the server could not start or load the model.
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+
+from configs.schema import load_config
+from errors import InputError
+from server.security import Limits
+
+log = logging.getLogger("lynx.server")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--config", default="./configs/LYNX.yaml")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, as in generate.py; repeatable")
+    p.add_argument("--device", default=None, help="cuda, cuda:1, cpu (default: cuda when available)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: this machine only)")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--model-name", default="lynx", help="the model's id in /v1/models and in requests")
+    p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every API request")
+    p.add_argument("--batch-size", type=int, default=None,
+                   help="most requests answered as one batch (default: the config's batch_size_test; 1 = off)")
+    p.add_argument("--batch-window-ms", type=float, default=5.0,
+                   help="how long the worker waits for more requests to fill a batch")
+    p.add_argument("--queue-size", type=int, default=256,
+                   help="most requests waiting or being answered; more get 503 with Retry-After")
+    p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request gets 504")
+    p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (413 above)")
+    p.add_argument("--max-images", type=int, default=32, help="most image/video parts in one message")
+    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    p.add_argument("--media-root", default=None,
+                   help="allow file:// URLs and paths to files inside this folder (symlinks resolved)")
+    p.add_argument("--allow-http-urls", action="store_true", help="let the server fetch http(s) media URLs")
+    p.add_argument("--log-level", default="info")
+    return p.parse_args(argv)
+
+
+def limits_of(args) -> Limits:
+    for name in ("batch_size", "queue_size", "max_images", "max_tokens_limit"):
+        value = getattr(args, name)
+        if value is not None and value < 1:
+            raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
+    for name in ("batch_window_ms", "request_timeout", "max_body_mb"):
+        if not getattr(args, name) >= 0:
+            raise InputError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    root = None
+    if args.media_root is not None:
+        root = Path(args.media_root).resolve()
+        if not root.is_dir():
+            raise InputError(f"--media-root {args.media_root}: not a folder")
+    return Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
+                  max_tokens=args.max_tokens_limit, queue_size=args.queue_size, request_timeout=args.request_timeout,
+                  media_root=root, allow_http=args.allow_http_urls, api_key=args.api_key)
+
+
+def check_prompt(cfg, where: str) -> None:
+    """The server fills only `{question}`: a template needing other record fields cannot be served."""
+    from dataset.prompt import format_prompt
+    from errors import RecordError
+
+    try:
+        format_prompt(cfg.prompt, {"question": "?"}, cfg.lower_text)
+    except RecordError as err:
+        raise InputError(f"{where}: {err.reason}; the server fills only {{question}}") from None
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        limits = limits_of(args)
+        cfg = load_config(args.config, args.overrides)
+        check_prompt(cfg, args.config)
+        from lynx.pipeline import LynxPipeline, check_device, default_device
+        from models.build import check_weight_files
+
+        device = args.device or default_device()
+        check_device(device)
+        check_weight_files(cfg)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+
+    import uvicorn
+
+    from server.app import create_app
+
+    server = None
+
+    def stop() -> None:
+        server.should_exit = True
+
+    app = create_app(lambda: LynxPipeline.from_config(cfg, device), limits, args.model_name,
+                     batch_size=args.batch_size, window=args.batch_window_ms / 1000, on_failure=stop)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=args.request_timeout + 5))
+    server.run()
+    return 1 if app.state.lynx.status == "failed" else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""The batching engine: one queue, one worker per device, answers through `LynxPipeline.answer`. No HTTP here.
+
+Requests wait in a bounded queue. The worker takes the oldest one, waits up to `window` seconds for more of the same
+batch key (media kind, decoding settings and `shape`), takes up to `batch_size` of them in arrival order and
+answers them as one batch on a thread of its own, so the event loop keeps serving. Lynx's answers do not depend on
+left padding or on what else is in a batch when decoding is deterministic, so batching changes only the speed.
+
+Sampled decoding with a `seed` runs alone, after `torch.manual_seed(seed)`: the same request and seed give the
+same answer on the same server, whatever else is waiting. Sampled requests without a seed batch together and draw
+from the worker's running random state.
+
+A batch that runs out of GPU memory is retried in halves down to single requests (as generate.py does); a batch
+that fails otherwise is retried one request at a time, so a request that fails, fails alone.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+log = logging.getLogger("lynx.server")
+
+
+class QueueFull(Exception):
+    """More requests are waiting than the queue holds."""
+
+
+class OutOfMemory(Exception):
+    """A request that does not fit on the device even alone in a batch."""
+
+
+@dataclass(eq=False)
+class Work:
+    """One question about one media value, with its decoding settings (a DecodingSettings)."""
+
+    media: object  # PIL image | list of PIL frames | path of a video file
+    question: str
+    kind: str  # "image" | "video"
+    settings: object
+    seed: int | None = None
+    shape: int | None = None  # requests share a batch only when this is equal too (see ChatService.shape)
+    release: Callable[[], None] = lambda: None  # called once the engine is done with the media (answered or dropped)
+    future: asyncio.Future | None = field(default=None, repr=False)
+    started: bool = False
+
+    @property
+    def alone(self) -> bool:
+        return self.seed is not None and self.settings.use_nucleus_sampling
+
+    @property
+    def key(self):
+        return (self.kind, self.settings, self.shape, id(self) if self.alone else None)
+
+
+def is_out_of_memory(err: BaseException) -> bool:
+    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
+
+
+@dataclass
+class Stats:
+    """What the worker did, for /health and the benchmark."""
+
+    answered: int = 0
+    failed: int = 0
+    dropped: int = 0  # cancelled (client gone, timed out) before their batch started
+    batches: int = 0
+    batch_sizes: Counter = field(default_factory=Counter)
+
+    def as_dict(self) -> dict:
+        rows = sum(size * n for size, n in self.batch_sizes.items())
+        return {"answered": self.answered, "failed": self.failed, "dropped": self.dropped, "batches": self.batches,
+                "mean_batch_size": round(rows / self.batches, 3) if self.batches else 0.0,
+                "largest_batch": max(self.batch_sizes, default=0),
+                "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
+
+
+class Engine:
+    def __init__(self, pipeline, batch_size: int, window: float, queue_size: int):
+        self.pipeline = pipeline
+        self.batch_size = batch_size
+        self.window = window
+        self.queue_size = queue_size
+        self.waiting: deque[Work] = deque()
+        self.arrived = asyncio.Event()
+        self.stats = Stats()
+        self.busy = 0  # requests of the batch being answered
+        self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lynx-model")
+        self.worker: asyncio.Task | None = None
+
+    def start(self) -> None:
+        self.worker = asyncio.get_running_loop().create_task(self._run(), name="lynx-engine")
+
+    async def stop(self) -> None:
+        """Answer what is queued, then stop the worker."""
+        while self.waiting and self.worker is not None and not self.worker.done():
+            self.arrived.set()
+            await asyncio.sleep(0.01)
+        if self.worker is not None:
+            self.worker.cancel()
+            try:
+                await self.worker
+            except asyncio.CancelledError:
+                pass
+        self.executor.shutdown(wait=True)
+        for work in self.waiting:
+            work.release()
+
+    @property
+    def queued(self) -> int:
+        return sum(1 for w in self.waiting if not w.future.cancelled())
+
+    def submit(self, work: Work) -> asyncio.Future:
+        """Queue a request; its future resolves to the answer or to the exception that stopped it."""
+        if self.queued + self.busy >= self.queue_size:
+            raise QueueFull
+        work.future = asyncio.get_running_loop().create_future()
+        self.waiting.append(work)
+        self.arrived.set()
+        return work.future
+
+    async def _run(self) -> None:
+        while True:
+            batch = await self._next_batch()
+            self.busy = len(batch)
+            try:
+                results = await asyncio.get_running_loop().run_in_executor(self.executor, self._answer, batch)
+            finally:
+                self.busy = 0
+            self.stats.batches += 1
+            self.stats.batch_sizes[len(batch)] += 1
+            for work, result in zip(batch, results):
+                work.release()
+                if work.future.done():  # cancelled while it ran: the answer has nobody to go to
+                    continue
+                if isinstance(result, BaseException):
+                    self.stats.failed += 1
+                    work.future.set_exception(result)
+                else:
+                    self.stats.answered += 1
+                    work.future.set_result(result)
+
+    async def _next_batch(self) -> list[Work]:
+        """Wait for a request, then up to `window` seconds for more of its key; take up to batch_size of them."""
+        while True:
+            head = await self._head()
+            deadline = time.monotonic() + self.window
+            while not head.alone and self._count(head.key) < self.batch_size:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                self.arrived.clear()
+                try:
+                    await asyncio.wait_for(self.arrived.wait(), remaining)
+                except TimeoutError:
+                    break
+            self._drop_cancelled()
+            if not head.future.cancelled():  # else its client left during the window: start again
+                break
+        batch = [w for w in self.waiting if w.key == head.key][:self.batch_size]
+        for work in batch:
+            self.waiting.remove(work)
+            work.started = True
+        return batch
+
+    async def _head(self) -> Work:
+        """The oldest waiting request that is still wanted."""
+        while True:
+            self._drop_cancelled()
+            if self.waiting:
+                return self.waiting[0]
+            self.arrived.clear()
+            await self.arrived.wait()
+
+    def _count(self, key) -> int:
+        return sum(1 for w in self.waiting if w.key == key and not w.future.cancelled())
+
+    def _drop_cancelled(self) -> None:
+        for work in [w for w in self.waiting if w.future.cancelled()]:
+            self.waiting.remove(work)
+            work.release()
+            self.stats.dropped += 1
+
+    def _answer(self, batch: list[Work]) -> list:
+        """Answers (or exceptions) of a batch, on the model's thread: halves on out-of-memory, one by one on any
+        other failure."""
+        try:
+            if batch[0].alone:
+                torch.manual_seed(batch[0].seed)
+            return self.pipeline.answer([(w.media, w.question) for w in batch], settings=batch[0].settings)
+        except Exception as err:  # noqa: BLE001 - every failure goes back to its request
+            failure = err
+        # Retried outside the except block: the traceback holds the failed attempt's tensors until it ends.
+        if is_out_of_memory(failure):
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            if len(batch) == 1:
+                return [OutOfMemory("out of GPU memory even alone in a batch")]
+            log.warning("out of GPU memory on a batch of %d; retrying in halves", len(batch))
+            half = len(batch) // 2
+            return self._answer(batch[:half]) + self._answer(batch[half:])
+        if len(batch) == 1:
+            return [failure]
+        return [result for work in batch for result in self._answer([work])]

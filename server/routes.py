@@ -1,0 +1,103 @@
+"""HTTP routes: parse, check, translate. The work happens in serving.ChatService and the engine."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from fastapi import APIRouter, Depends, Request
+from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from pydantic import ValidationError
+
+from server.errors import APIError, validation_message
+from server.protocol import ChatCompletionRequest, ModelCard, ModelList, unsupported_field
+from server.security import check_key
+
+PAGE = Path(__file__).resolve().parent / "static" / "index.html"
+
+router = APIRouter()
+
+
+def state(request: Request):
+    return request.app.state.lynx
+
+
+def authorized(request: Request) -> None:
+    check_key(request, state(request).limits)
+
+
+def ready(request: Request):
+    """The chat service, or 503 while the model loads and once the server stops."""
+    lynx = state(request)
+    if lynx.service is None:
+        raise APIError(503, lynx.status_message(), code="not_ready", headers={"Retry-After": "5"})
+    return lynx.service
+
+
+@router.get("/", include_in_schema=False)
+async def page():
+    return FileResponse(PAGE, media_type="text/html")
+
+
+@router.get("/health")
+async def health(request: Request):
+    lynx = state(request)
+    body = {"status": lynx.status, "model": lynx.model_name}
+    if lynx.engine is not None:
+        body.update(queued=lynx.engine.queued, running=lynx.engine.busy, **lynx.engine.stats.as_dict())
+    if lynx.status == "failed":
+        body["error"] = lynx.error
+    return JSONResponse(body, status_code=200 if lynx.status == "ready" else 503,
+                        headers={"Cache-Control": "no-store"})
+
+
+@router.get("/v1/models", dependencies=[Depends(authorized)])
+async def models(request: Request):
+    lynx = state(request)
+    return ModelList(data=[ModelCard(id=lynx.model_name, created=lynx.started)]).model_dump()
+
+
+@router.post("/v1/chat/completions", dependencies=[Depends(authorized)])
+async def chat_completions(request: Request):
+    service = ready(request)
+    body = await request.body()
+    try:
+        raw = json.loads(body)
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise APIError(400, f"the body is not valid JSON: {err}") from None
+    if not isinstance(raw, dict):
+        raise APIError(400, f"the body must be a JSON object, got {type(raw).__name__}")
+    try:
+        chat = ChatCompletionRequest.model_validate(raw)
+    except ValidationError as err:
+        message, param = validation_message(err)
+        raise APIError(400, message, param) from None
+    check(chat, state(request))
+    completion = await service.complete(chat, request)
+    if not chat.stream:
+        return JSONResponse(completion.model_dump())
+    include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
+    return StreamingResponse(iter(service.chunks(completion, include_usage)), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+def check(chat: ChatCompletionRequest, lynx) -> None:
+    """What the schema cannot say: the model's name, n, unsupported fields, the server's limits."""
+    if chat.model is not None and chat.model != lynx.model_name:
+        raise APIError(404, f"the model {chat.model!r} does not exist here; this server serves {lynx.model_name!r}",
+                       "model", "model_not_found")
+    if chat.n != 1:
+        raise APIError(400, f"n must be 1 (one answer per request), got {chat.n}", "n")
+    name = unsupported_field(chat)
+    if name is not None:
+        raise APIError(400, f"'{name}' is not supported by Lynx; leave it out", name)
+    limits = lynx.limits
+    for field in ("max_tokens", "max_completion_tokens"):
+        value = getattr(chat, field)
+        if value is not None and value > limits.max_tokens:
+            raise APIError(400, f"{field} is {value}, over the server's limit of {limits.max_tokens} "
+                                f"(--max-tokens-limit)", field)
+    for i, message in enumerate(chat.messages):
+        media = sum(1 for p in message.parts() if p.type in ("image_url", "video_url"))
+        if media > limits.max_images:
+            raise APIError(400, f"{media} images in one message, over the server's limit of {limits.max_images} "
+                                f"(--max-images)", f"messages.{i}.content")

@@ -1,0 +1,146 @@
+"""The edge: what a request may be and where its media may come from.
+
+- `--api-key`: every request but the page and /health needs `Authorization: Bearer KEY` (401 otherwise).
+- Body size (413), images per request and `max_tokens` (400): limits checked before any work is done.
+- Media: `data:` URLs always; `file://` URLs and plain paths only with `--media-root DIR`, and only when the path,
+  symlinks followed and `..` resolved, lies inside DIR (403 otherwise); http(s) URLs only with
+  `--allow-http-urls` (403 otherwise), fetched with the body-size limit and a timeout.
+"""
+from __future__ import annotations
+
+import base64
+import binascii
+import hmac
+import os
+import urllib.parse
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+
+from fastapi import Request
+
+from server.errors import APIError, error_response
+
+HTTP_FETCH_TIMEOUT_S = 30
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_body_bytes: int = 64 * 2**20
+    max_images: int = 32
+    max_tokens: int = 1024
+    queue_size: int = 256
+    request_timeout: float = 600.0
+    media_root: Path | None = None  # resolved (realpath) when set
+    allow_http: bool = False
+    api_key: str | None = None
+
+
+def check_key(request: Request, limits: Limits) -> None:
+    """401 unless the request carries `Authorization: Bearer <--api-key>` (when the server has a key)."""
+    if limits.api_key is None:
+        return
+    scheme, _, token = request.headers.get("authorization", "").partition(" ")
+    if not token:
+        raise APIError(401, "this server needs an API key: send the header 'Authorization: Bearer KEY'",
+                       code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), limits.api_key.encode()):
+        raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+
+
+class BodyLimit:
+    """ASGI middleware: a body over `max_bytes` gets 413, by its Content-Length before it is read, or as soon as
+    the bytes received pass the limit."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app, self.max_bytes = app, max_bytes
+
+    def too_large(self) -> APIError:
+        return APIError(413, f"the request body is over the server's limit of {self.max_bytes} bytes "
+                             f"(--max-body-mb)", code="request_too_large")
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        length = dict(scope["headers"]).get(b"content-length")
+        if length is not None and length.isdigit() and int(length) > self.max_bytes:
+            return await error_response(self.too_large())(scope, receive, send)
+        seen = 0
+
+        async def counted():
+            nonlocal seen
+            message = await receive()
+            if message["type"] == "http.request":
+                seen += len(message.get("body", b""))
+                if seen > self.max_bytes:
+                    raise self.too_large()
+            return message
+
+        await self.app(scope, counted, send)
+
+
+@dataclass
+class Source:
+    """Where one media value comes from: its bytes (a data: or http URL) or a file inside the media root."""
+
+    data: bytes | None = None
+    path: str | None = None
+    mime: str | None = None
+
+
+def locate(url: str, limits: Limits, param: str) -> Source:
+    """The bytes or the file of a media URL, or APIError (400 malformed, 403 not allowed here)."""
+    if url.startswith("data:"):
+        return _data_url(url, param)
+    scheme = urllib.parse.urlsplit(url).scheme.lower()
+    if scheme in ("http", "https"):
+        if not limits.allow_http:
+            raise APIError(403, "http(s) URLs are not fetched by this server: send the media as a data: URL "
+                                "(or start it with --allow-http-urls)", param)
+        return Source(data=_fetch(url, limits, param))
+    if scheme == "file":
+        parts = urllib.parse.urlsplit(url)
+        if parts.netloc not in ("", "localhost"):
+            raise APIError(400, f"file:// URLs name no host, got {parts.netloc!r}", param)
+        return Source(path=inside_media_root(urllib.parse.unquote(parts.path), limits, param))
+    if len(scheme) > 1:  # "c:" of a Windows path is not a scheme
+        raise APIError(400, f"unsupported URL scheme {scheme!r}: use a data: URL", param)
+    return Source(path=inside_media_root(url, limits, param))
+
+
+def inside_media_root(path: str, limits: Limits, param: str) -> str:
+    """The real path of `path` (relative paths: to the media root) if it lies inside the media root."""
+    if limits.media_root is None:
+        raise APIError(403, "file paths and file:// URLs are refused: this server takes data: URLs (start it with "
+                            "--media-root DIR to allow files inside DIR)", param)
+    try:
+        real = Path(os.path.realpath(limits.media_root / path))
+    except (ValueError, OSError) as err:
+        raise APIError(400, f"not a usable path ({err})", param) from None
+    if not real.is_relative_to(limits.media_root):
+        raise APIError(403, "the path is outside the server's media root", param)
+    if not real.is_file():
+        raise APIError(400, f"no such file in the media root: {path}", param)
+    return str(real)
+
+
+def _data_url(url: str, param: str) -> Source:
+    header, comma, payload = url[len("data:"):].partition(",")
+    if not comma or not header.endswith(";base64"):
+        raise APIError(400, "a data: URL must be base64, as in data:image/png;base64,...", param)
+    try:
+        data = base64.b64decode("".join(payload.split()), validate=True)
+    except (binascii.Error, ValueError) as err:
+        raise APIError(400, f"the data: URL is not valid base64 ({err})", param) from None
+    return Source(data=data, mime=header[:-len(";base64")].split(";")[0].lower() or None)
+
+
+def _fetch(url: str, limits: Limits, param: str) -> bytes:
+    try:
+        with urllib.request.urlopen(url, timeout=HTTP_FETCH_TIMEOUT_S) as response:
+            data = response.read(limits.max_body_bytes + 1)
+    except (OSError, ValueError) as err:
+        raise APIError(400, f"cannot fetch {url}: {err}", param) from None
+    if len(data) > limits.max_body_bytes:
+        raise APIError(413, f"{url} is over the server's limit of {limits.max_body_bytes} bytes", param)
+    return data

@@ -1,0 +1,138 @@
+"""Helpers for the server tests: a real serve.py process on 127.0.0.1 and a free port, and request builders."""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import yaml
+
+from conftest import ROOT
+
+START_TIMEOUT_S = 180
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def data_url(path, mime: str | None = None) -> str:
+    path = Path(path)
+    mime = mime or {".jpg": "image/jpeg", ".png": "image/png", ".mp4": "video/mp4", ".json": "application/json"}[
+        path.suffix]
+    return f"data:{mime};base64,{base64.b64encode(path.read_bytes()).decode()}"
+
+
+def image_message(question: str, *urls: str) -> list[dict]:
+    parts = [{"type": "text", "text": question}] + [{"type": "image_url", "image_url": {"url": u}} for u in urls]
+    return [{"role": "user", "content": parts}]
+
+
+def video_message(question: str, url: str) -> list[dict]:
+    return [{"role": "user", "content": [{"type": "text", "text": question},
+                                         {"type": "video_url", "video_url": {"url": url}}]}]
+
+
+class Server:
+    """serve.py in its own process. `cwd`: where the config's relative paths resolve."""
+
+    def __init__(self, cfg: dict | Path, tmp_path: Path, *flags: str, cwd: Path = ROOT, api_key: str | None = None,
+                 device: str = "cpu"):
+        """`cfg`: a config as a dict (written to tmp_path) or the path of a config file. The process runs with one
+        OpenMP thread: several test processes share two cores."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.api_key = api_key
+        config = cfg if isinstance(cfg, Path) else tmp_path / "serve_config.yaml"
+        if isinstance(cfg, dict):
+            config.write_text(yaml.safe_dump(cfg, sort_keys=False))
+        self.log_path = tmp_path / f"server_{self.port}.log"
+        cmd = [sys.executable, str(ROOT / "serve.py"), "--config", str(config), "--device", device,
+               "--port", str(self.port), *flags]
+        if api_key:
+            cmd += ["--api-key", api_key]
+        self.tmpdir = tmp_path / f"tmp_{self.port}"  # the server's own temporary folder
+        self.tmpdir.mkdir()
+        env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.tmpdir)}
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def log(self) -> str:
+        return self.log_path.read_text()
+
+    def wait_ready(self) -> list[int]:
+        """Poll /health until 200; returns every status seen on the way."""
+        seen, deadline = [], time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log()[-3000:]}")
+            try:
+                status, _, _ = self.request("GET", "/health")
+            except OSError:
+                time.sleep(0.05)
+                continue
+            seen.append(status)
+            if status == 200:
+                return seen
+            time.sleep(0.05)
+        raise AssertionError(f"the server was not ready in {START_TIMEOUT_S} s:\n{self.log()[-3000:]}")
+
+    def request(self, method: str, path: str, body=None, headers: dict | None = None, timeout: float = 120,
+                key: bool = True):
+        """(status, headers, parsed JSON or text); `body`: a dict (sent as JSON) or bytes."""
+        data = json.dumps(body).encode() if isinstance(body, dict) else body
+        headers = {"Content-Type": "application/json", **(headers or {})}
+        if key and self.api_key and "Authorization" not in headers:
+            headers["Authorization"] = f"Bearer {self.api_key}"
+        req = urllib.request.Request(self.url + path, data=data, method=method, headers=headers)
+        try:
+            with urllib.request.urlopen(req, timeout=timeout) as response:
+                status, head, raw = response.status, response.headers, response.read()
+        except urllib.error.HTTPError as err:
+            status, head, raw = err.code, err.headers, err.read()
+        head = {k.lower(): v for k, v in head.items()}
+        text = raw.decode()
+        try:
+            return status, head, json.loads(text)
+        except json.JSONDecodeError:
+            return status, head, text
+
+    def raw(self, data: bytes, timeout: float = 60):
+        """Send raw bytes (a request that may stop halfway), then read the reply: (status, parsed JSON body)."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(data)
+            reply = b""
+            while chunk := sock.recv(65536):
+                reply += chunk
+        head, _, body = reply.partition(b"\r\n\r\n")
+        status = int(head.split()[1])
+        if b"transfer-encoding: chunked" in head.lower():
+            body = b"".join(body.split(b"\r\n")[1::2])
+        return status, json.loads(body)
+
+    def chat(self, **body):
+        return self.request("POST", "/v1/chat/completions", body)
+
+    def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
+        if self.process.poll() is None:
+            self.process.send_signal(sig)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        return self.process.returncode
+
+
+def answer_of(reply: dict) -> str:
+    return reply["choices"][0]["message"]["content"]

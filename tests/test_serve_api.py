@@ -1,0 +1,286 @@
+"""serve.py as a client sees it: one real server process on 127.0.0.1 (the shared tiny fixture, CPU) for the module.
+
+Answers over HTTP are the fixture's expected answers, which are generate.py's (test_parity pins that), for greedy
+and beam search, images and videos; concurrency and batching do not change them; bad requests get OpenAI's error
+JSON with the right status and the server goes on answering.
+"""
+from __future__ import annotations
+
+import base64
+import json
+import os
+import signal
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from openai import OpenAI
+
+from conftest import FIXTURE, fixture_config, read_jsonl, run_generate
+from serve_helpers import Server, answer_of, data_url, image_message, video_message
+
+KEY = "sk-test-key"
+MAX_IMAGES, MAX_TOKENS = 8, 64
+
+
+def records(kind: str) -> list[dict]:
+    return read_jsonl(FIXTURE / "data" / f"Open_VQA_{kind}s_tiny.jsonl")
+
+
+def expected(name: str) -> dict:
+    return {r["index"]: r["text_output"] for r in read_jsonl(FIXTURE / "expected" / f"{name}.jsonl")}
+
+
+def messages_of(record: dict) -> list[dict]:
+    """The chat messages that ask what generate.py asks for a fixture record."""
+    if "image" in record:
+        return image_message(record["question"], data_url(FIXTURE / record["image"]))
+    video = record["video"]
+    if isinstance(video, list):  # inline base64 frames: the frames of a video, as lmms-eval sends them
+        return image_message(record["question"], *[f"data:image/png;base64,{f}" for f in video])
+    return video_message(record["question"], data_url(FIXTURE / video))
+
+
+@pytest.fixture(scope="module")
+def media_root(tmp_path_factory):
+    root = tmp_path_factory.mktemp("media_root")
+    (root / "pics").mkdir()
+    (root / "pics" / "a.jpg").write_bytes((FIXTURE / "images" / "img_a.jpg").read_bytes())
+    outside = tmp_path_factory.mktemp("outside")
+    (outside / "secret.jpg").write_bytes((FIXTURE / "images" / "img_a.jpg").read_bytes())
+    os.symlink(outside / "secret.jpg", root / "pics" / "link.jpg")
+    return root, outside
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, media_root):
+    tmp = tmp_path_factory.mktemp("serve_api")
+    srv = Server(fixture_config(), tmp, "--media-root", str(media_root[0]), "--max-images", str(MAX_IMAGES),
+                 "--max-tokens-limit", str(MAX_TOKENS), "--max-body-mb", "1", cwd=FIXTURE, api_key=KEY)
+    try:
+        srv.wait_ready()
+        yield srv
+    finally:
+        assert srv.stop() == -signal.SIGTERM, srv.log()[-3000:]
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    return OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=120)
+
+
+def test_models_health_and_the_key(server, client):
+    assert [m.id for m in client.models.list().data] == ["lynx"]
+    status, _, body = server.request("GET", "/health", key=False)
+    assert status == 200 and body["status"] == "ready"
+    assert server.request("GET", "/v1/models", key=False)[0] == 401
+    status, _, page = server.request("GET", "/", key=False)
+    assert status == 200 and "<title>Lynx</title>" in page
+
+
+@pytest.mark.parametrize("kind", ["image", "video"])
+@pytest.mark.parametrize("decoding", ["greedy", "beam5"])
+def test_the_openai_client_gets_generate_answers(client, kind, decoding):
+    want = expected(f"{kind}s_{decoding}")
+    # greedy: the config's decoding (no decoding field); beam: temperature 0 and Lynx's num_beams
+    extra = {} if decoding == "greedy" else dict(temperature=0, extra_body={"num_beams": 5})
+    for record in records(kind):
+        reply = client.chat.completions.create(model="lynx", messages=messages_of(record), **extra)
+        assert reply.choices[0].message.content == want[record["index"]], record["index"]
+        assert reply.choices[0].finish_reason in ("stop", "length")
+        assert reply.usage.prompt_tokens > 32 and reply.usage.total_tokens == (
+            reply.usage.prompt_tokens + reply.usage.completion_tokens)
+
+
+def test_16_concurrent_clients_get_the_sequential_answers_in_batches(server, client):
+    asks = records("image") + records("video")
+    sequential = [client.chat.completions.create(messages=messages_of(r), model="lynx").choices[0].message.content
+                  for r in asks]
+    before = server.request("GET", "/health")[2]
+
+    def one_client(c: int) -> list[tuple[int, str]]:
+        own = OpenAI(base_url=server.url + "/v1", api_key=KEY, max_retries=0, timeout=300)
+        got = []
+        for k in range(4):
+            i = (c * 4 + k) % len(asks)
+            reply = own.chat.completions.create(messages=messages_of(asks[i]), model="lynx")
+            got.append((i, reply.choices[0].message.content))
+        return got
+
+    with ThreadPoolExecutor(16) as pool:
+        results = [pair for got in pool.map(one_client, range(16)) for pair in got]
+    assert len(results) == 64
+    assert all(text == sequential[i] for i, text in results)
+    after = server.request("GET", "/health")[2]
+    assert after["answered"] - before["answered"] == 64
+    formed = {int(k): v - before["batch_sizes"].get(k, 0) for k, v in after["batch_sizes"].items()}
+    assert max(k for k, v in formed.items() if v) > 1, formed  # batches larger than one were formed
+    assert max(formed) <= 3  # the config's batch_size_test
+
+
+def test_streaming_gives_the_same_answer_in_openai_chunks(server, client):
+    record = records("image")[1]
+    whole = client.chat.completions.create(model="lynx", messages=messages_of(record)).choices[0].message.content
+    stream = client.chat.completions.create(model="lynx", messages=messages_of(record), stream=True,
+                                            stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == whole
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage is not None and chunks[-1].usage.completion_tokens > 0
+
+
+def test_seeded_sampling_repeats_whatever_else_is_waiting(server, client):
+    record = records("image")[0]
+    ask = dict(model="lynx", messages=messages_of(record), temperature=1.0, top_p=0.9, seed=1234)
+    first = client.chat.completions.create(**ask).choices[0].message.content
+    others = [dict(model="lynx", messages=messages_of(r)) for r in records("image")]
+    with ThreadPoolExecutor(6) as pool:
+        futures = [pool.submit(client.chat.completions.create, **o) for o in others]
+        again = pool.submit(client.chat.completions.create, **ask)
+        [f.result() for f in futures]
+    assert again.result().choices[0].message.content == first
+
+
+def good_request_answers(server):
+    record = records("image")[0]
+    status, _, body = server.chat(messages=messages_of(record))
+    assert status == 200, body
+    assert answer_of(body) == expected("images_greedy")[record["index"]]
+
+
+IMG = FIXTURE / "images" / "img_a.jpg"
+
+
+def bad_requests(outside) -> list[tuple[str, dict, int, str]]:
+    """(name, request, status, words of the message). A request: body, or raw bytes, and headers."""
+    img = data_url(IMG)
+    ok = image_message("What is in the image?", img)
+    text_b64 = base64.b64encode(b"just some text, not a picture").decode()
+    return [
+        ("bad JSON", dict(raw=b'{"messages": [', ), 400, "not valid JSON"),
+        ("not an object", dict(raw=b"[1, 2]"), 400, "must be a JSON object"),
+        ("no messages", dict(body={"model": "lynx"}), 400, "messages"),
+        ("no user message", dict(body={"messages": [{"role": "system", "content": "be brief"}]}), 400,
+         "last message must be the user's"),
+        ("unknown part type", dict(body={"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "hi"}, {"type": "input_audio", "input_audio": {}}]}]}), 400,
+         "unknown content part type 'input_audio'"),
+        ("undecodable base64", dict(body={"messages": image_message("q", "data:image/png;base64,@@@###")}), 400,
+         "not valid base64"),
+        ("not an image", dict(body={"messages": image_message("q", f"data:image/png;base64,{text_b64}")}), 400,
+         "cannot read the image"),
+        ("oversize body (Content-Length)", dict(http=http_head(1_100_000) + b'{"messages": ['), 413,
+         "over the server's limit"),
+        ("oversize body (chunked)", dict(http=chunked(b"x" * 600_000, b"x" * 600_000)), 413, "over the server's limit"),
+        ("too many images", dict(body={"messages": image_message("q", *[img] * (MAX_IMAGES + 1))}), 400,
+         "--max-images"),
+        ("max_tokens over the limit", dict(body={"messages": ok, "max_tokens": MAX_TOKENS + 1}), 400,
+         "--max-tokens-limit"),
+        ("n > 1", dict(body={"messages": ok, "n": 2}), 400, "n must be 1"),
+        ("wrong key", dict(body={"messages": ok}, headers={"Authorization": "Bearer sk-wrong"}), 401,
+         "incorrect API key"),
+        ("missing key", dict(body={"messages": ok}, key=False), 401, "needs an API key"),
+        ("file:// outside the media root", dict(body={"messages": image_message(
+            "q", f"file://{outside / 'secret.jpg'}")}), 403, "outside the server's media root"),
+        ("path outside the media root", dict(body={"messages": image_message("q", str(outside / "secret.jpg"))}),
+         403, "outside the server's media root"),
+        (".. traversal", dict(body={"messages": image_message("q", f"pics/../../{outside.name}/secret.jpg")}), 403,
+         "outside the server's media root"),
+        ("symlink out of the media root", dict(body={"messages": image_message("q", "pics/link.jpg")}),
+         403, "outside the server's media root"),
+        ("http URL not allowed", dict(body={"messages": image_message("q", "http://127.0.0.1:9/cat.jpg")}), 403,
+         "http(s) URLs are not fetched"),
+        ("mixed image and video", dict(body={"messages": [{"role": "user", "content": [
+            {"type": "text", "text": "q"}, {"type": "image_url", "image_url": {"url": img}},
+            {"type": "video_url", "video_url": {"url": data_url(FIXTURE / "videos" / "clip_a.mp4")}}]}]}), 400,
+         "not both"),
+        ("video with no frames", dict(body={"messages": video_message("q", "data:video/mp4;base64,")}), 400,
+         "no frames"),
+        ("undecodable video", dict(body={"messages": video_message(
+            "q", "data:video/mp4;base64," + base64.b64encode(b"\0garbage" * 64).decode())}), 400,
+         "cannot decode video"),
+        ("no image at all", dict(body={"messages": [{"role": "user", "content": "hello"}]}), 400,
+         "no image_url or video_url"),
+        ("unknown model", dict(body={"messages": ok, "model": "gpt-4o"}), 404, "does not exist here"),
+        ("negative temperature", dict(body={"messages": ok, "temperature": -1}), 400, "temperature"),
+        ("unsupported stop", dict(body={"messages": ok, "stop": ["\n"]}), 400, "'stop' is not supported"),
+        ("data URL not base64", dict(body={"messages": image_message("q", "data:image/png,abc")}), 400,
+         "must be base64"),
+        ("unknown route", dict(path="/v1/completions"), 404, "no route"),
+    ]
+
+
+def http_head(length: int | None) -> bytes:
+    size = f"Content-Length: {length}" if length is not None else "Transfer-Encoding: chunked"
+    return (f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer {KEY}\r\n"
+            f"Content-Type: application/json\r\n{size}\r\nConnection: close\r\n\r\n").encode()
+
+
+def chunked(*parts: bytes) -> bytes:
+    """A chunked request body, sent whole: the server reads past its limit before it answers."""
+    return http_head(None) + b"".join(b"%x\r\n%s\r\n" % (len(p), p) for p in parts) + b"0\r\n\r\n"
+
+
+def test_bad_requests_get_status_and_message_and_the_server_goes_on(server, media_root):
+    table = bad_requests(media_root[1])
+    assert len(table) >= 15
+    for name, spec, status, words in table:
+        if "http" in spec:  # a body over the limit: the server answers before reading it all
+            got, reply = server.raw(spec["http"])
+        else:
+            got, _, reply = server.request("POST", spec.get("path", "/v1/chat/completions"),
+                                           spec.get("raw", spec.get("body")), headers=spec.get("headers"),
+                                           key=spec.get("key", True))
+        assert got == status, (name, reply)
+        error = reply["error"]
+        assert words in error["message"], (name, error)
+        assert set(error) == {"message", "type", "param", "code"}, name
+        good_request_answers(server)
+    assert "Traceback" not in server.log()
+
+
+def test_files_inside_the_media_root(server, media_root):
+    want = expected("images_greedy")[17]  # record 17 asks "What is in the image?" about img_a.jpg
+    for url in ("pics/a.jpg", f"file://{media_root[0] / 'pics' / 'a.jpg'}",
+                str(media_root[0] / "pics" / ".." / "pics" / "a.jpg")):
+        status, _, body = server.chat(messages=image_message("What is in the image?", url))
+        assert status == 200 and answer_of(body) == want, (url, body)
+
+
+def test_a_disconnecting_client_does_not_stop_the_server(server):
+    import http.client
+
+    for _ in range(3):
+        conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=5)
+        body = json.dumps({"messages": messages_of(records("video")[2]), "num_beams": 5, "temperature": 0})
+        conn.request("POST", "/v1/chat/completions", body, {"Content-Type": "application/json",
+                                                            "Authorization": f"Bearer {KEY}"})
+        conn.sock.close()  # gone before the answer
+    good_request_answers(server)
+
+
+def test_temporary_video_files_are_removed(server, client):
+    """A video_url's bytes live in a temporary file until the engine is done with it, also for clients that left
+    (the test above) and for videos that do not decode."""
+    record = records("video")[0]
+    client.chat.completions.create(model="lynx", messages=messages_of(record))
+    server.chat(messages=video_message("q", "data:video/mp4;base64," + base64.b64encode(b"\0" * 64).decode()))
+    deadline = time.monotonic() + 30
+    while list(server.tmpdir.glob("lynx-video-*")) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert list(server.tmpdir.glob("lynx-video-*")) == []
+
+
+@pytest.mark.xfail(strict=True, reason="frame lists of any length: pending the media-path change")
+def test_frame_lists_of_any_length_are_sampled_like_a_video(server, tmp_path):
+    frames = records("video")[4]["video"]  # record 129: five base64 frames
+    assert len(frames) == 5
+    for some in (frames[:3], frames + frames[:2]):
+        (tmp_path / "frames.jsonl").write_text(json.dumps({"index": 1, "question": "what is it?", "video": some}))
+        cfg = fixture_config(test_files=[str(tmp_path / "frames.jsonl")], vision_prompt_dict="video")
+        run = run_generate(cfg, tmp_path, "--overwrite")
+        assert run.returncode == 0, run.stderr[-2000:]
+        want = read_jsonl(tmp_path / "answers.jsonl")[0]["text_output"]
+        status, _, body = server.chat(messages=image_message(
+            "what is it?", *[f"data:image/png;base64,{f}" for f in some]))
+        assert status == 200 and answer_of(body) == want, body

@@ -1,0 +1,107 @@
+"""The batching engine alone, over a stand-in pipeline that records its calls: which requests share a batch, the
+window, seeded sampling alone, out-of-memory halving, a failing request failing alone, a full queue."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+
+from configs.decoding import DecodingSettings
+from server.engine import Engine, OutOfMemory, QueueFull, Work
+
+GREEDY = DecodingSettings(max_new_tokens=8, min_length=2, num_beams=1, use_nucleus_sampling=False, temperature=1.0,
+                          top_k=3, top_p=0.9, no_repeat_ngram_size=2, length_penalty=-2.0, repetition_penalty=1.0)
+SAMPLED = GREEDY.replace(use_nucleus_sampling=True)
+
+
+class FakePipeline:
+    """Answers 'kind:question' (or a draw from torch's RNG when sampling); fails as told."""
+
+    def __init__(self, oom_above: int | None = None, bad: str | None = None):
+        self.calls: list[list[str]] = []
+        self.oom_above, self.bad = oom_above, bad
+
+    def answer(self, pairs, settings=None):
+        questions = [q for _, q in pairs]
+        self.calls.append(questions)
+        if self.oom_above is not None and len(pairs) > self.oom_above:
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
+        if self.bad in questions:
+            raise ValueError(f"cannot use {self.bad}")
+        if settings.use_nucleus_sampling:
+            return [f"{q}:{torch.randint(0, 10**9, ()).item()}" for q in questions]
+        return [f"{m}:{q}" for m, q in pairs]
+
+
+def run(pipeline, works, batch_size=4, window=0.05, queue_size=64, gap=0.0):
+    """Submit `works` (with `gap` seconds between them) and return each one's answer or exception."""
+    async def main():
+        engine = Engine(pipeline, batch_size, window, queue_size)
+        engine.start()
+        futures = []
+        for work in works:
+            futures.append(engine.submit(work))
+            await asyncio.sleep(gap)
+        results = await asyncio.gather(*futures, return_exceptions=True)
+        await engine.stop()
+        return results, engine.stats
+    return asyncio.run(main())
+
+
+def test_requests_batch_by_kind_and_settings_up_to_the_batch_size():
+    pipeline = FakePipeline()
+    works = [Work("image", f"q{i}", "image", GREEDY) for i in range(6)] + [
+        Work("video", "v0", "video", GREEDY), Work("image", "b0", "image", GREEDY.replace(num_beams=5))]
+    results, stats = run(pipeline, works)
+    assert results == [f"{w.media}:{w.question}" for w in works]
+    assert sorted(map(sorted, pipeline.calls)) == [["b0"], ["q0", "q1", "q2", "q3"], ["q4", "q5"], ["v0"]]
+    assert stats.batches == 4 and stats.answered == 8 and stats.batch_sizes == {4: 1, 2: 1, 1: 2}
+
+
+def test_without_a_window_a_lone_request_does_not_wait():
+    pipeline = FakePipeline()
+    results, _ = run(pipeline, [Work("image", f"q{i}", "image", GREEDY) for i in range(3)], window=0.0, gap=0.05)
+    assert pipeline.calls == [["q0"], ["q1"], ["q2"]]
+
+
+def test_seeded_sampling_runs_alone_and_repeats():
+    pipeline = FakePipeline()
+    works = [Work("image", "s", "image", SAMPLED, seed=7), Work("image", "t", "image", SAMPLED),
+             Work("image", "u", "image", SAMPLED), Work("image", "s", "image", SAMPLED, seed=7)]
+    results, _ = run(pipeline, works)
+    assert results[0] == results[3]
+    assert sorted(map(sorted, pipeline.calls)) == [["s"], ["s"], ["t", "u"]]
+
+
+def test_out_of_memory_splits_the_batch_in_halves_down_to_one():
+    pipeline = FakePipeline(oom_above=1)
+    works = [Work("image", f"q{i}", "image", GREEDY) for i in range(4)]
+    results, stats = run(pipeline, works)
+    assert results == [f"image:q{i}" for i in range(4)]
+    assert pipeline.calls == [["q0", "q1", "q2", "q3"], ["q0", "q1"], ["q0"], ["q1"], ["q2", "q3"], ["q2"], ["q3"]]
+    results, _ = run(FakePipeline(oom_above=0), works[:2])
+    assert all(isinstance(r, OutOfMemory) for r in results)
+
+
+def test_a_failing_request_fails_alone():
+    pipeline = FakePipeline(bad="q1")
+    results, stats = run(pipeline, [Work("image", f"q{i}", "image", GREEDY) for i in range(3)])
+    assert results[0] == "image:q0" and results[2] == "image:q2"
+    assert isinstance(results[1], ValueError) and stats.failed == 1 and stats.answered == 2
+
+
+def test_a_full_queue_refuses_and_a_cancelled_request_is_dropped():
+    async def main():
+        engine = Engine(FakePipeline(), batch_size=4, window=0.2, queue_size=2)
+        engine.start()
+        first = engine.submit(Work("image", "a", "image", GREEDY))
+        second = engine.submit(Work("image", "b", "image", GREEDY))
+        with pytest.raises(QueueFull):
+            engine.submit(Work("image", "c", "image", GREEDY))
+        first.cancel()
+        assert await second == "image:b"
+        await engine.stop()
+        return engine.stats
+    stats = asyncio.run(main())
+    assert stats.dropped == 1 and stats.answered == 1 and stats.batch_sizes == {1: 1}
