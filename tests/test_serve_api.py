@@ -271,7 +271,6 @@ def test_temporary_video_files_are_removed(server, client):
     assert list(server.tmpdir.glob("lynx-video-*")) == []
 
 
-@pytest.mark.xfail(strict=True, reason="frame lists of any length: pending the media-path change")
 def test_frame_lists_of_any_length_are_sampled_like_a_video(server, tmp_path):
     frames = records("video")[4]["video"]  # record 129: five base64 frames
     assert len(frames) == 5
