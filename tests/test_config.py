@@ -1,6 +1,8 @@
 """Config loading: the original's keys and defaults, the additions, overrides and the errors."""
+import os
 import shutil
 import subprocess
+import sys
 
 import pytest
 import yaml
@@ -107,7 +109,7 @@ def test_generate_sh_without_weights_names_the_missing_file(tmp_path):
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     shutil.copytree(ROOT / "data", tmp_path / "data", ignore=shutil.ignore_patterns("*.pt", "*.pth", "vicuna-7b"))
     proc = subprocess.run(["bash", str(ROOT / "generate.sh")], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert lines == ["error: weight file not found: ./data/eva_vit_g.pth — get EVA01_g_psz14.pt from "
@@ -117,7 +119,7 @@ def test_generate_sh_without_weights_names_the_missing_file(tmp_path):
 
 def test_smoke_config_runs_and_prints_answers(tmp_path):
     proc = subprocess.run(["bash", "generate.sh", "configs/tiny.yaml", str(tmp_path / "smoke.jsonl")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stderr[-2000:]
     shown = proc.stdout.strip().splitlines()
     assert [line.split("\t")[0] for line in shown] == ["img-17", "img-3", "img-42", "vid-1", "vid-33", "vid-65"]
