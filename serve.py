@@ -86,7 +86,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         check_prompt(cfg, args.config)
         from lynx.pipeline import LynxPipeline, check_device, default_device
-        from models.build import check_weight_files
+        from models.weight_files import check_weight_files
 
         device = args.device or default_device()
         check_device(device)

@@ -1,4 +1,15 @@
-"""Running Lynx: a Python API (`LynxPipeline`) and the loop that answers whole test files."""
-from lynx.pipeline import LynxPipeline
+"""Running Lynx: a Python API (`LynxPipeline`) and the loop that answers whole test files.
+
+`LynxPipeline` is imported on first use, so the torch-free modules of this package (the resumable run, the
+processes) load in a moment and generate.py checks its input before torch is imported.
+"""
 
 __all__ = ["LynxPipeline"]
+
+
+def __getattr__(name: str):
+    if name == "LynxPipeline":
+        from lynx.pipeline import LynxPipeline
+
+        return LynxPipeline
+    raise AttributeError(f"module 'lynx' has no attribute {name!r}")

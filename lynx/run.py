@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 from collections.abc import Iterator
@@ -9,18 +10,18 @@ from collections.abc import Iterator
 import torch
 from torch.utils.data import DataLoader
 
-from dataset.batching import Batch, LynxEvalDataset, batches_by_media
-from errors import RecordError
+from dataset.batching import Batch, LynxEvalDataset
+from errors import InputError, RecordError
 from dataset.records import Record
-from lynx.answers import AnswerStore
 from lynx.media_ahead import MediaAhead
 from lynx.pipeline import LynxPipeline
+from lynx.resumable import Planned, ResumableRun
 
 log = logging.getLogger("lynx")
 
 
-class StopRun(Exception):
-    """--strict: the first failed record ends the run."""
+class StopRun(InputError):
+    """--strict: the first failed record ends the run (one line, exit 1)."""
 
 
 class Progress:
@@ -120,40 +121,54 @@ def _submit(ahead: MediaAhead, batch: Batch | None) -> bool:
     return True
 
 
-def answer_records(pipeline: LynxPipeline, records: list[Record], store: AnswerStore, positions: list[int],
-                   seed: int, strict: bool = False, batches: list[list[int]] | None = None) -> None:
-    """Answer the records at `positions` that the store does not hold yet, streaming each batch to disk.
-    `batches` groups them otherwise than consecutively by media kind (one process's share of a larger run)."""
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity, as the DataLoader counts them)."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # no affinity on this system
+        return os.cpu_count() or 1
+
+
+def worker_count(wanted: int) -> int:
+    """The config's DataLoader workers, at most one per usable CPU: more only compete for the same cores."""
+    cpus = usable_cpus()
+    if wanted <= cpus:
+        return wanted
+    log.info("data.num_workers: %d lowered to %d, the CPUs this process may use", wanted, cpus)
+    return cpus
+
+
+def answer_records(pipeline: LynxPipeline, records: list[Record], run: ResumableRun, plan: list[Planned],
+                   seed: int, strict: bool = False) -> None:
+    """Answer the records of the planned batches, streaming each batch's answers to the run's side file."""
     cfg = pipeline.cfg
-    todo = [p for p in positions if not store.is_done(records[p])]
-    if batches is None:
-        batches = batches_by_media(records, todo, cfg.vision_prompt_dict, cfg.batch_size_test)
     dataset = LynxEvalDataset(records, cfg, pipeline.tokenizer, seed)
     loader = DataLoader(
         dataset,
-        batch_sampler=batches,
+        batch_sampler=[planned.positions for planned in plan],
         collate_fn=pipeline.collate,
-        num_workers=cfg.data.num_workers,
+        num_workers=worker_count(cfg.data.num_workers),
         persistent_workers=False,
     )
 
     def on_failure(position: int, error: RecordError) -> None:
         record = records[position]
         error.index = record.index
-        store.fail(record, error)
+        run.fail(record, error)
         reason = f"{error.reason}: {error.path}" if error.path else error.reason
         log.warning("record %r (%s:%d) skipped: %s", record.index, record.path, record.line, reason)
         if strict:
             raise StopRun(f"record {record.index!r} ({record.path}:{record.line}): {reason}")
 
-    progress = Progress(total=len(positions), done=len(positions) - len(todo))
+    progress = Progress(total=sum(len(planned.positions) for planned in plan), done=0)
     try:
-        for batch, visual in with_media_ahead(loader, pipeline.model):
+        # The loader yields the planned batches in order; `planned.number` is the batch's number in the run's plan.
+        for planned, (batch, visual) in zip(plan, with_media_ahead(loader, pipeline.model)):
             for position, error in batch.failures:
                 on_failure(position, error)
             if len(batch):
                 answered = answer_with_retry(pipeline, batch, on_failure, visual)
-                store.add([records[p] for p, _ in answered], [text for _, text in answered])
+                run.add([records[p] for p, _ in answered], [text for _, text in answered])
             progress.update(len(batch) + len(batch.failures))
     finally:
         progress.close()

@@ -10,27 +10,13 @@ from transformers import AutoConfig
 from configs.schema import DTYPES, LynxConfig
 from errors import InputError
 from models.tokenizer import LynxTokenizer
-from models.checkpoint import (WEIGHT_SOURCES, check_lynx_state, load_lynx_checkpoint, load_vision_weights,
+from models.checkpoint import (check_lynx_state, load_lynx_checkpoint, load_vision_weights,
                                read_lynx_checkpoint, vision_weights)
 from models.lynx import Lynx, LynxLlamaForCausalLM, vit_chunk_for
+from models.weight_files import check_weight_files
 
 log = logging.getLogger("lynx")
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
-
-
-def check_weight_files(cfg: LynxConfig) -> None:
-    """Fail before anything heavy is loaded when a weight file is not where the config says."""
-    if not os.path.isfile(cfg.vit_checkpoint):
-        raise InputError(f"weight file not found: {cfg.vit_checkpoint} — get {WEIGHT_SOURCES['vit']}")
-    llm_config = os.path.join(cfg.llm_dir, "config.json")
-    if not os.path.isfile(llm_config):
-        raise InputError(f"LLM folder not found or incomplete: {cfg.llm_dir} (no config.json) — get "
-                         f"{WEIGHT_SOURCES['llm']}")
-    if not os.path.isfile(os.path.join(cfg.llm_dir, "tokenizer.model")):
-        raise InputError(f"tokenizer not found: {os.path.join(cfg.llm_dir, 'tokenizer.model')} — get "
-                         f"{WEIGHT_SOURCES['llm']}")
-    if not os.path.isfile(cfg.checkpoint):
-        raise InputError(f"weight file not found: {cfg.checkpoint} — get {WEIGHT_SOURCES['checkpoint']}")
 
 
 def add_pad_rows(llm: LynxLlamaForCausalLM, vocab_size: int) -> None:

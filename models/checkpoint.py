@@ -15,15 +15,8 @@ import torch
 
 from errors import InputError
 from models.vision_encoder import eva_state_dict_for, fuse_split_qkv
+from models.weight_files import WEIGHT_SOURCES
 
-# Where each released file comes from, for "file missing" messages.
-WEIGHT_SOURCES = {
-    "vit": "EVA01_g_psz14.pt from https://huggingface.co/QuanSun/EVA-CLIP (save it as data/eva_vit_g.pth)",
-    "llm": "Vicuna-7B v1.1: apply lmsys/vicuna-7b-delta-v1.1 to LLaMA-7B with FastChat's "
-           "`python -m fastchat.model.apply_delta` (a Hugging Face folder, e.g. data/vicuna-7b)",
-    "checkpoint": "https://lf-robot-opensource.bytetos.com/obj/lab-robot-public/lynx_release/finetune_lynx.pt "
-                  "(or pretrain_lynx.pt in the same folder)",
-}
 KEY_PREFIXES = ("module.", "model.")
 PARTS = ("vision encoder", "LLM", "adapters", "bridge", "frame positions")
 

@@ -1,5 +1,6 @@
 """Config loading: the original's keys and defaults, the additions, overrides and the errors."""
 import dataclasses
+import os
 import shutil
 import subprocess
 import sys
@@ -292,11 +293,12 @@ def test_generate_with_the_shipped_config_stops_before_the_model_loads(tmp_path,
                                                                        message):
     """configs/LYNX.yaml (num_workers 4, decoder auto) with one bad value: exit 1, one line, nothing written."""
     import generate
+    from lynx.pipeline import LynxPipeline
 
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error was found")
 
-    monkeypatch.setattr(generate.LynxPipeline, "from_config", refuse)
+    monkeypatch.setattr(LynxPipeline, "from_config", refuse)
     monkeypatch.chdir(ROOT)
     output = tmp_path / "out.jsonl"
     status = generate.main(["--config", "configs/LYNX.yaml", "--output_path", str(output), "--device", "cpu",
@@ -340,7 +342,7 @@ def test_max_input_tokens_zero_or_less_keeps_the_whole_prompt(in_fixture):
     ids = {}
     for written in (40, 0, -5):
         cfg = config_from_dict(fixture_config(max_input_tokens=written))
-        ids[written] = LynxEvalDataset([record], cfg, tokenizer)[0]["input_ids"]
+        ids[written] = LynxEvalDataset([record], cfg, tokenizer)[0].input_ids
     assert len(ids[0]) > 40 and ids[0][0] == tokenizer.bos_id
     assert ids[-5] == ids[0]
     assert ids[40] == ids[0][-40:]
@@ -351,7 +353,7 @@ def test_generate_sh_without_weights_names_the_missing_file(tmp_path):
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     shutil.copytree(ROOT / "data", tmp_path / "data", ignore=shutil.ignore_patterns("*.pt", "*.pth", "vicuna-7b"))
     proc = subprocess.run(["bash", str(ROOT / "generate.sh")], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+                          timeout=120, env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
     assert lines == ["error: weight file not found: ./data/eva_vit_g.pth — get EVA01_g_psz14.pt from "
@@ -361,7 +363,7 @@ def test_generate_sh_without_weights_names_the_missing_file(tmp_path):
 
 def test_smoke_config_runs_and_prints_answers(tmp_path):
     proc = subprocess.run(["bash", "generate.sh", "configs/tiny.yaml", str(tmp_path / "smoke.jsonl")], cwd=ROOT,
-                          capture_output=True, text=True, timeout=300)
+                          capture_output=True, text=True, timeout=300, env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 0, proc.stderr[-2000:]
     shown = proc.stdout.strip().splitlines()
     assert [line.split("\t")[0] for line in shown] == ["img-17", "img-3", "img-42", "vid-1", "vid-33", "vid-65"]

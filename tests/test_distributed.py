@@ -1,5 +1,6 @@
 """Several processes (torchrun, gloo on the CPU): the same file as a single run, for images and videos; one process
-failing or killed ends the other within 30 s; a rerun, with any number of processes, completes the file.
+failing or killed ends the other, which could not have ended by itself; a rerun, with any number of processes,
+completes the file.
 
 The multi-process runs are real torchrun launches; the single-process references and one rerun call generate.main
 in-process with the same arguments (the same command, without paying for the imports again).
@@ -21,10 +22,10 @@ import yaml
 
 import generate
 from configs.schema import load_config
-from errors import InputError
 from dataset.records import read_test_files
-from lynx.answers import AnswerStore
-from lynx.distributed import Ranks
+from errors import InputError
+from lynx.processes import Processes
+from lynx.resumable import ResumableRun, share_of
 from tests.conftest import FIXTURE, ROOT, fixture_config, read_jsonl
 
 MEDIA = {
@@ -126,16 +127,23 @@ def test_two_processes_write_the_single_process_file(tmp_path, reference, media)
         assert f"rank {rank}: {share}/{share} records" in log, log
 
 
-def records_with(tmp_path, position: int, image) -> str:
-    """The fixture's image records with the one at `position` reading `image` (an absolute path)."""
+def records_with(tmp_path, images: dict) -> str:
+    """The fixture's image records with those at the given positions reading other images (absolute paths)."""
     rows = read_jsonl(FIXTURE / "data" / "Open_VQA_images_tiny.jsonl")
-    rows[position]["image"] = str(image)
+    for position, image in images.items():
+        rows[position]["image"] = str(image)
     path = tmp_path / "records.jsonl"
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return str(path)
 
 
-def wait_for(condition, proc, log_path, seconds: float = 180) -> None:
+def image_of(position: int):
+    """The fixture's image of the record at `position`."""
+    return FIXTURE / read_jsonl(FIXTURE / "data" / "Open_VQA_images_tiny.jsonl")[position]["image"]
+
+
+def wait_for(condition, proc, log_path, seconds: float = 300) -> None:
+    """Wait for a state of the run; `seconds` only guards against a hang."""
     deadline = time.monotonic() + seconds
     while not condition():
         assert proc.poll() is None, log_path.read_text()
@@ -144,14 +152,17 @@ def wait_for(condition, proc, log_path, seconds: float = 180) -> None:
 
 
 # The 10 image records in batches of 3 are [0 1 2] [3 4 5] [6 7 8] [9]; rank 0 answers the 1st and 3rd, rank 1 the
-# 2nd and 4th, so position 3 is the first record rank 1 loads.
+# 2nd and 4th, so position 3 is the first record rank 1 loads and position 6 the first of rank 0's second batch.
 RANK1_FIRST = 3
-RANK1_IMAGE = FIXTURE / "images" / "img_d.png"
+RANK0_SECOND = 6
+HANG_GUARD = 300  # seconds: a wait that should end long before, so that a hang fails the test instead of blocking it
 
 
 def test_a_failing_process_ends_both_and_the_same_command_completes(tmp_path, reference):
     late = tmp_path / "late" / "img_d.png"  # not there yet: rank 1 fails with --strict
-    cfg = fixture_config(test_files=[records_with(tmp_path, RANK1_FIRST, late)])
+    stuck = tmp_path / "stuck.jpg"
+    os.mkfifo(stuck)  # nobody writes it: rank 0 waits on its second batch until it is stopped
+    cfg = fixture_config(test_files=[records_with(tmp_path, {RANK1_FIRST: late, RANK0_SECOND: stuck})])
     args = arguments(tmp_path, cfg, "--strict")
     log_path = tmp_path / "log.txt"
     proc = torchrun(args, log_path)
@@ -159,46 +170,44 @@ def test_a_failing_process_ends_both_and_the_same_command_completes(tmp_path, re
         wait_for(lambda: len(workers(proc)) == 2, proc, log_path)
         ranks = workers(proc)
         wait_for(lambda: (tmp_path / "answers.jsonl.rank1.errors.jsonl").exists(), proc, log_path)
-        failed_at = time.monotonic()
-        status = finish(proc, timeout=30)
+        status = finish(proc, timeout=HANG_GUARD)
     finally:
         stop(proc)
-    assert time.monotonic() - failed_at < 30
-    assert all(gone(process) for process in ranks.values())
+    assert all(gone(process) for process in ranks.values())  # rank 0 was stopped: alone it waits for ever
     assert status != 0
     log = log_path.read_text()
     assert "error: rank 1: record 5 (" in log and "image file not found" in log
     assert not (tmp_path / "answers.jsonl").exists()
 
     late.parent.mkdir()
-    shutil.copy(RANK1_IMAGE, late)
-    assert finish(torchrun(args, log_path), timeout=240) == 0, log_path.read_text()
+    shutil.copy(image_of(RANK1_FIRST), late)
+    stuck.unlink()
+    shutil.copy(image_of(RANK0_SECOND), stuck)
+    assert finish(torchrun(args, log_path), timeout=HANG_GUARD) == 0, log_path.read_text()
     assert (tmp_path / "answers.jsonl").read_bytes() == reference["images"]
     assert side_files(tmp_path) == []
 
 
 def test_a_killed_process_ends_the_other_and_one_process_completes(tmp_path, reference, caplog, monkeypatch):
     stuck = tmp_path / "stuck.png"
-    os.mkfifo(stuck)  # opening it blocks: rank 1 waits on its first record until it is killed
-    args = arguments(tmp_path, fixture_config(test_files=[records_with(tmp_path, RANK1_FIRST, stuck)]))
+    os.mkfifo(stuck)  # nobody writes it: rank 1 waits on its first record until it is killed
+    args = arguments(tmp_path, fixture_config(test_files=[records_with(tmp_path, {RANK1_FIRST: stuck})]))
     log_path = tmp_path / "log.txt"
     proc = torchrun(args, log_path)
     try:
         wait_for(lambda: answered(tmp_path / "answers.jsonl.rank0.partial.jsonl") == 6, proc, log_path)
         ranks = workers(proc)
         ranks[1].send_signal(signal.SIGKILL)
-        killed_at = time.monotonic()
-        status = finish(proc, timeout=30)
+        status = finish(proc, timeout=HANG_GUARD)
     finally:
         stop(proc)
-    assert time.monotonic() - killed_at < 30
-    assert gone(ranks[0])
+    assert gone(ranks[0])  # done with its share, it waits for rank 1's answers: only the kill can end it
     assert status != 0
     assert not (tmp_path / "answers.jsonl").exists()
 
     # One process takes over both parts: only rank 1's records are answered again.
     stuck.unlink()
-    shutil.copy(RANK1_IMAGE, stuck)
+    shutil.copy(image_of(RANK1_FIRST), stuck)
     monkeypatch.chdir(FIXTURE)
     caplog.set_level(logging.INFO, logger="lynx")
     assert generate.main(args) == 0
@@ -210,28 +219,38 @@ def test_a_killed_process_ends_the_other_and_one_process_completes(tmp_path, ref
 # ---------------------------------------------------------------- without processes
 
 
-def test_shares_are_the_single_run_batches_dealt_in_turn(in_fixture):
-    cfg = load_config("config.yaml", ["batch_size_test=2"])
-    records = read_test_files(cfg.test_files)
-    single = Ranks()
-    single.done = {records[1].key, records[4].key}
-    whole = single.share(records, cfg)
-    assert whole == [[0, 2], [3, 5], [6, 7], [8, 9]]
-    shares = []
-    for rank in range(3):
-        ranks = Ranks(rank, 3)
-        ranks.done = single.done
-        shares.append(ranks.share(records, cfg))
-    assert shares == [[[0, 2], [8, 9]], [[3, 5]], [[6, 7]]]
+def planned(records, answered: set, batch_size: int, processes=Processes(), vision_key="image") -> list[tuple]:
+    done = {records[p].key for p in answered}
+    return [(p.number, p.positions) for p in share_of(records, done, vision_key, batch_size, processes)]
+
+
+def test_the_plan_is_the_single_run_batches_of_all_records_dealt_in_turn(in_fixture):
+    """Batches of all records, numbered; process R of W takes numbers R, R + W, ...; answered records drop out of
+    their batch without moving the others, so a batch keeps its number and records across resumes and process
+    counts."""
+    records = read_test_files(load_config("config.yaml").test_files)
+    assert planned(records, set(), 2) == [(0, [0, 1]), (1, [2, 3]), (2, [4, 5]), (3, [6, 7]), (4, [8, 9])]
+    assert planned(records, {1, 4, 6, 7}, 2) == [(0, [0]), (1, [2, 3]), (2, [5]), (4, [8, 9])]
+    shares = [planned(records, {1, 4, 6, 7}, 2, Processes(rank, 3)) for rank in range(3)]
+    assert shares == [[(0, [0])], [(1, [2, 3]), (4, [8, 9])], [(2, [5])]]
+
+
+def test_the_plan_keeps_images_and_videos_apart(tmp_path):
+    rows = [{"index": n, "question": "q", **({"video": "v.mp4"} if n in (2, 3) else {"image": "i.jpg"})}
+            for n in range(6)]
+    path = tmp_path / "mixed.jsonl"
+    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    records = read_test_files([str(path)])
+    assert planned(records, set(), 4, vision_key="auto") == [(0, [0, 1]), (1, [2, 3]), (2, [4, 5])]
+    assert planned(records, {0}, 4, Processes(1, 2), vision_key="auto") == [(1, [2, 3])]
 
 
 def test_side_files_of_other_settings_are_refused_and_new_ones_waited_for(tmp_path):
     output = str(tmp_path / "answers.jsonl")
     (tmp_path / "answers.jsonl.rank3.partial.jsonl").write_text("")  # its process is creating it right now
-    ranks = Ranks(0, 2)
-    store = AnswerStore(output, ranks.suffix)
-    ranks.check_resume(store, "abc", overwrite=False)
+    ResumableRun(output, Processes(0, 2)).open("abc", overwrite=False)
     (tmp_path / "answers.jsonl.rank3.partial.jsonl").write_text('{"fingerprint": "old"}\n')
     with pytest.raises(InputError, match=r"rank3\.partial\.jsonl holds answers of a run with other settings"):
-        ranks.check_resume(store, "abc", overwrite=False)
-    ranks.check_resume(store, "abc", overwrite=True)
+        ResumableRun(output, Processes(0, 2)).open("abc", overwrite=False)
+    ResumableRun(output, Processes(0, 2)).open("abc", overwrite=True)
+    assert not (tmp_path / "answers.jsonl.rank3.partial.jsonl").exists()  # a run of 2: rank 3's file was left over

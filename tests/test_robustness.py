@@ -19,7 +19,8 @@ import yaml
 
 import generate
 from dataset.batching import Collator, Item
-from lynx.answers import AnswerStore
+from lynx.pipeline import LynxPipeline
+from lynx.resumable import ResumableRun
 from lynx.run import Progress, answer_with_retry
 from tests.conftest import FIXTURE, fixture_config, read_jsonl
 
@@ -46,7 +47,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error was found")
 
-    monkeypatch.setattr(generate.LynxPipeline, "from_config", refuse)
+    monkeypatch.setattr(LynxPipeline, "from_config", refuse)
 
 
 @pytest.fixture
@@ -186,7 +187,7 @@ def test_output_folder_not_writable(tmp_path, in_fixture, no_model, capsys, monk
     folder.chmod(0o555)
     if os.access(folder, os.W_OK):  # root writes anywhere: make the check see what others would
         real_access = os.access
-        monkeypatch.setattr("lynx.answers.os.access",
+        monkeypatch.setattr("lynx.resumable.os.access",
                             lambda path, mode: False if str(path) == str(folder) else real_access(path, mode))
     try:
         assert run_main(fixture_config(), tmp_path, output=folder / "answers.jsonl") == 1
@@ -254,9 +255,10 @@ def bad_records(folder) -> dict:
     }
 
 
-@pytest.fixture(scope="module")
-def bad_run(tmp_path_factory):
-    """One run over good records with every kind of bad record between them."""
+@pytest.fixture(scope="module", params=[0, 4], ids=["0-workers", "4-workers"])
+def bad_run(tmp_path_factory, request):
+    """One run over good records with every kind of bad record between them, with media read in the main process
+    and with the shipped 4 DataLoader workers (errors then cross a process boundary)."""
     folder = tmp_path_factory.mktemp("bad_records")
     kinds = bad_records(folder)
     rows, lines = [], {}
@@ -269,6 +271,7 @@ def bad_run(tmp_path_factory):
         lines[kind] = len(rows)
     test_file = write_jsonl(folder / "mixed.jsonl", rows)
     cfg = fixture_config(test_files=[test_file], vision_prompt_dict="auto")
+    cfg["data"]["num_workers"] = request.param
     with pytest.MonkeyPatch.context() as mp:
         mp.chdir(FIXTURE)
         status = run_main(cfg, folder)
@@ -321,8 +324,8 @@ def test_two_of_ten_missing_then_fixed(tmp_path, in_fixture, monkeypatch, caplog
     for path in missing.values():
         shutil.move(path + ".away", path)
     asked = []
-    real_answer_batch = generate.LynxPipeline.answer_batch
-    monkeypatch.setattr(generate.LynxPipeline, "answer_batch",
+    real_answer_batch = LynxPipeline.answer_batch
+    monkeypatch.setattr(LynxPipeline, "answer_batch",
                         lambda self, batch, visual=None, **kw: asked.extend(batch.positions) or real_answer_batch(self, batch, visual, **kw))
     caplog.clear()
     assert run_main(cfg, tmp_path) == 0
@@ -350,14 +353,18 @@ def test_strict_stops_at_the_first_bad_record(tmp_path, in_fixture, capsys):
 
 def test_line_torn_by_a_crash_is_answered_again(tmp_path, in_fixture):
     records = generate.read_test_files([str(IMAGES_JSONL)])
-    store = AnswerStore(str(tmp_path / "answers.jsonl"))
-    store.open("abc", overwrite=False)
-    store.add(records[:2], ["first", "second"])
-    with open(store.partial_path, "a") as f:
+    run = ResumableRun(str(tmp_path / "answers.jsonl"))
+    run.open("abc", overwrite=False)
+    run.add(records[:2], ["first", "second"])
+    with open(run.partial_path, "a") as f:
         f.write('{"key": [0, 42], "index": 42, "text_out')
-    again = AnswerStore(str(tmp_path / "answers.jsonl"))
-    assert again.open("abc", overwrite=False) == 2
-    assert [again.is_done(r) for r in records[:3]] == [True, True, False]
+    again = ResumableRun(str(tmp_path / "answers.jsonl"))
+    again.open("abc", overwrite=False)
+    assert [r.key in again.answers for r in records[:3]] == [True, True, False]
+    again.add(records[2:3], ["third"])  # on a line of its own: the torn end is cut off first
+    last = ResumableRun(str(tmp_path / "answers.jsonl"))
+    last.open("abc", overwrite=False)
+    assert [last.answers.get(r.key) for r in records[:4]] == ["first", "second", "third", None]
 
 
 # ---------------------------------------------------------------- out of GPU memory: halves, down to one record
@@ -421,14 +428,14 @@ def test_other_runtime_errors_are_not_retried():
 
 def test_a_record_failing_alone_is_reported_by_the_run(tmp_path, in_fixture, monkeypatch):
     """Through answer_records: the record lands in the errors file and the others are answered."""
-    real = generate.LynxPipeline.answer_batch
+    real = LynxPipeline.answer_batch
 
     def answer_batch(self, batch, visual=None, **kw):
         if 2 in batch.positions:
             raise torch.OutOfMemoryError("CUDA out of memory")
         return real(self, batch, visual, **kw)
 
-    monkeypatch.setattr(generate.LynxPipeline, "answer_batch", answer_batch)
+    monkeypatch.setattr(LynxPipeline, "answer_batch", answer_batch)
     assert run_main(fixture_config(), tmp_path) == 2
     expected = read_jsonl(FIXTURE / "expected" / "images_greedy.jsonl")
     assert read_jsonl(tmp_path / "answers.jsonl") == expected[:2] + expected[3:]
