@@ -143,7 +143,7 @@ def test_a_refused_answer_write_is_one_line_and_keeps_the_answers(tmp_path, in_f
     asked = []
     real = LynxPipeline.answer_batch
     monkeypatch.setattr(LynxPipeline, "answer_batch",
-                        lambda self, batch, visual=None: asked.extend(batch.positions) or real(self, batch, visual))
+                        lambda self, batch, visual=None, **kw: asked.extend(batch.positions) or real(self, batch, visual, **kw))
     assert run_main(cfg, tmp_path) == 0
     assert asked == list(range(2, 10))
     assert (tmp_path / "answers.jsonl").read_bytes() == EXPECTED.read_bytes()
