@@ -24,6 +24,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DECODERS = ("auto", "hf", "fast")
 VISION_KEYS = ("image", "video", "auto")
 FRAME_SAMPLING = ("uniform", "random")
+QUANTIZE = ("int8", "int4")
 
 
 @dataclass
@@ -101,6 +102,9 @@ class LynxConfig:
     vit_checkpoint: str = "./data/eva_vit_g.pth"
     llm_path: str | None = None  # None: ./data/<LLM>
     vit: VitConfig | None = None  # overrides the `vision_encoder` preset's dimensions
+    quantize: str | None = None  # int8 | int4: weight-only (torchao) LLM linear layers; None: the run's dtype
+    quantize_vit: bool = False  # with `quantize`, the ViT's linear layers too
+    converted: str | None = None  # folder written by `python -m lynx.convert`: the weights come from there
 
     # ---- derived values
     @property
@@ -127,9 +131,10 @@ class LynxConfig:
 
 _SECTIONS = {"data": DataConfig, "vit": VitConfig}
 # Keys whose default is None, with the type a value must have.
-_OPTIONAL_TYPES = {"dtype": str, "llm_path": str}
+_OPTIONAL_TYPES = {"dtype": str, "llm_path": str, "quantize": str, "converted": str}
 _CHOICES = {
     "dtype": DTYPES,
+    "quantize": QUANTIZE,
     "decoder": DECODERS,
     "vision_prompt_dict": VISION_KEYS,
     "vision_encoder": tuple(VIT_PRESETS),
