@@ -67,6 +67,7 @@ def model_skeleton(cfg: LynxConfig, llm_config, device: str = "cpu") -> Lynx:
 def plan_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, dict, list, LynxTokenizer]:
     """Lynx on the meta device, the plan of its weights with every file checked against its shapes (nothing read
     yet: a bad file fails in seconds), the load reports and the tokenizer."""
+    dtype = TORCH_DTYPES[cfg.resolve_dtype(device)]
     folder = llm_folder(cfg)
     tokenizer = LynxTokenizer(os.path.join(folder, "tokenizer.model"))
     llm_config = read_llm_config(folder)
@@ -75,7 +76,7 @@ def plan_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, dict, list, L
     llm_config._attn_implementation = "sdpa"
     model = model_skeleton(cfg, llm_config, device)
     if cfg.converted is not None:
-        plan, reports = converted_plan(cfg.converted, model)
+        plan, reports = converted_plan(cfg.converted, model, dtype)
     else:
         plan, reports = release_plan(cfg, model, file_vocab)
     return model, plan, reports, tokenizer

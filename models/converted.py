@@ -12,14 +12,16 @@ answers would be another model's.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 
 import yaml
 
 from errors import InputError
 from models.checkpoint import LoadReport, check_shapes
-from models.weight_files import open_weight_file
+from models.weight_files import open_weight_file, safetensors_metadata
 
+log = logging.getLogger("lynx")
 WEIGHTS = "model.safetensors"
 CONFIG = "lynx.yaml"
 LLM = "llm"
@@ -61,11 +63,16 @@ def check_converted(cfg) -> None:
                              f"{key} = {value!r} — convert again for this config or set converted: null")
 
 
-def converted_plan(folder: str, model) -> tuple[dict, list[LoadReport]]:
+def converted_plan(folder: str, model, dtype) -> tuple[dict, list[LoadReport]]:
     """Every tensor of `model` (on meta) from the folder's model.safetensors, checked: missing or misshapen tensors
-    are an error. Tensors in the run's dtype are used in place (memory-mapped) on the CPU."""
+    are an error. Tensors in the run's `dtype` are used in place (memory-mapped) on the CPU."""
     path = os.path.join(folder, WEIGHTS)
     state = open_weight_file(path, "converted", mapped=True)
+    stored = safetensors_metadata(path).get("dtype")
+    if stored is not None and stored != str(dtype).removeprefix("torch."):
+        log.warning("%s holds %s weights and this run uses %s: they are cast as they are read (exact only in the "
+                    "folder's dtype: its [PAD] rows are the mean taken in %s)", path, stored,
+                    str(dtype).removeprefix("torch."), stored)
     own = model.state_dict()
     missing = [key for key in own if key not in state]
     if missing:
