@@ -96,16 +96,25 @@ def with_rows(embedding: LazyTensor, rows: int) -> LazyTensor:
     shape = torch.Size([rows, *embedding.shape[1:]])
 
     def make(device, dtype):
-        weight = embedding.make(device, dtype)
-        old = weight.shape[0]
+        old = embedding.shape[0]
         if rows <= old:
-            return weight[:rows].clone()
+            return embedding.make(device, dtype)[:rows].clone()
         out = torch.empty(shape, device=device, dtype=dtype)
-        out[:old] = weight
-        out[old:] = torch.mean(weight, dim=0, keepdim=True, dtype=torch.float32).to(dtype)
+        embedding.into(out[:old])
+        out[old:] = mean_row(out[:old]).to(dtype)
         return out
 
     return LazyTensor(shape, embedding.dtype, make)
+
+
+def mean_row(weight: torch.Tensor, columns: int = 256) -> torch.Tensor:
+    """The mean of the rows in float32, equal to `weight.float().mean(0)`; on the CPU `columns` at a time (each
+    column's sum is its own, and 256 is a multiple of any vector width), so the float32 copy is of one slice, not
+    of the whole embedding (0.5 GB for LLaMA's)."""
+    if weight.device.type != "cpu":
+        return weight.float().mean(dim=0, keepdim=True)
+    return torch.cat([weight[:, i:i + columns].float().mean(dim=0, keepdim=True)
+                      for i in range(0, weight.shape[1], columns)], dim=1)
 
 
 def materialise(model: nn.Module, plan: dict, device, dtype: torch.dtype, quantizer=None) -> nn.Module:

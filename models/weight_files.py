@@ -22,6 +22,7 @@ import torch
 
 from errors import InputError
 
+CHUNK = 32 << 20  # bytes read at once when a tensor changes dtype or device on its way from the file
 SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
                       "BOOL": torch.bool}
@@ -29,14 +30,23 @@ SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.f
 
 @dataclass(frozen=True)
 class LazyTensor:
-    """A tensor's shape and dtype, and how to produce it on a device in a dtype (`make(device, dtype)`)."""
+    """A tensor's shape and dtype, and how to produce it on a device in a dtype (`make(device, dtype)`); a tensor
+    read from a file can also be read into a given tensor (`fill`), which then is the only copy."""
 
     shape: torch.Size
     dtype: torch.dtype
     make: Callable[[torch.device, torch.dtype], torch.Tensor]
+    fill: Callable[[torch.Tensor], None] | None = None
 
     def load(self, device="cpu", dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.make(torch.device(device), dtype or self.dtype)
+
+    def into(self, out: torch.Tensor) -> None:
+        """Write the tensor's values into `out` (its shape; any device and dtype)."""
+        if self.fill is not None:
+            self.fill(out)
+        else:
+            out.copy_(self.make(out.device, out.dtype))
 
     @staticmethod
     def of(tensor: torch.Tensor) -> "LazyTensor":
@@ -113,15 +123,20 @@ def _safetensors_entries(path: str, mapped: bool) -> dict:
         if end > size:
             raise InputError(f"{path}: the file ends before its tensors do (truncated?)")
 
+        def fill(out):
+            _read_into(out, path, begin, dtype)
+
         def make(device, out_dtype):
             if mapped and device.type == "cpu" and out_dtype == dtype and begin % _itemsize(dtype) == 0:
                 if storage[0] is None:
                     storage[0] = torch.UntypedStorage.from_file(path, False, size)
                 flat = torch.empty(0, dtype=torch.uint8).set_(storage[0], begin, (end - begin,), (1,))
                 return flat.view(dtype).view(shape)
-            return _to(_read(path, begin, end - begin).view(dtype).view(shape), device, out_dtype)
+            out = torch.empty(shape, device=device, dtype=out_dtype)
+            fill(out)
+            return out
 
-        return LazyTensor(shape, dtype, make)
+        return LazyTensor(shape, dtype, make, fill)
 
     return {key: entry(info) for key, info in header.items() if key != "__metadata__"}
 
@@ -145,11 +160,18 @@ def _torch_entries(path: str):
             raise InputError(f"{path}: the file ends before its tensors do (truncated?)")
         shape, stride, dtype = meta.shape, meta.stride(), meta.dtype
 
-        def make(device, out_dtype):
-            flat = _read(path, begin, span * item).view(dtype)
-            return _to(flat.as_strided(shape, stride), device, out_dtype)
+        def fill(out):
+            if meta.is_contiguous():
+                _read_into(out, path, begin, dtype)
+            else:  # a view saved with its whole storage (rare): read the span, then pick the view's values
+                out.copy_(_read(path, begin, span * item).view(dtype).as_strided(shape, stride))
 
-        return LazyTensor(shape, dtype, make)
+        def make(device, out_dtype):
+            out = torch.empty(shape, device=device, dtype=out_dtype)
+            fill(out)
+            return out
+
+        return LazyTensor(shape, dtype, make, fill)
 
     return _wrap(content, entry)
 
@@ -169,9 +191,9 @@ def _itemsize(dtype: torch.dtype) -> int:
     return torch.empty(0, dtype=dtype).element_size()
 
 
-def _read(path: str, offset: int, nbytes: int) -> torch.Tensor:
-    """`nbytes` bytes of the file from `offset`, into a fresh host tensor (uint8)."""
-    out = torch.empty(nbytes, dtype=torch.uint8)
+def _read(path: str, offset: int, nbytes: int, out: torch.Tensor | None = None) -> torch.Tensor:
+    """`nbytes` bytes of the file from `offset`, into `out` (uint8, contiguous) or a fresh host tensor."""
+    out = torch.empty(nbytes, dtype=torch.uint8) if out is None else out
     view, done = memoryview(out.numpy()), 0
     with open(path, "rb", buffering=0) as f:
         f.seek(offset)
@@ -183,11 +205,19 @@ def _read(path: str, offset: int, nbytes: int) -> torch.Tensor:
     return out
 
 
-def _to(tensor: torch.Tensor, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
-    """The read tensor on `device` in `dtype`, contiguous; on a GPU the dtype is changed there (faster)."""
-    if device.type != "cpu":
-        tensor = tensor.to(device=device)
-    return tensor.to(dtype=dtype, memory_format=torch.contiguous_format)
+def _read_into(out: torch.Tensor, path: str, offset: int, dtype: torch.dtype) -> None:
+    """Read a contiguous tensor stored as `dtype` at `offset` into `out` (any device and dtype). On the CPU in the
+    stored dtype the bytes land in `out` directly; otherwise CHUNK bytes at a time are read and converted into it,
+    so reading a tensor never holds a second copy of it."""
+    flat = out.view(-1)
+    if out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous():
+        _read(path, offset, flat.numel() * _itemsize(dtype), flat.view(torch.uint8))
+        return
+    item = _itemsize(dtype)
+    step = max(1, CHUNK // item)
+    for start in range(0, flat.numel(), step):
+        count = min(step, flat.numel() - start)
+        flat[start:start + count].copy_(_read(path, offset + start * item, count * item).view(dtype))
 
 
 # ---- writing

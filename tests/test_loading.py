@@ -155,3 +155,21 @@ def test_truncated_safetensors_file_is_one_clear_error(tmp_path):
     os.truncate(path, os.path.getsize(path) - 1000)
     with pytest.raises(InputError, match=r"model\.safetensors: the file ends before its tensors do \(truncated\?\)"):
         build_tiny_lynx(llm_path=folder)
+
+
+def test_tensors_read_in_chunks_are_whole(monkeypatch):
+    """A tensor that changes dtype on its way is read and converted a chunk at a time (here 1000 bytes)."""
+    import models.weight_files
+
+    _, reference, _ = build_tiny_lynx(dtype="bfloat16")
+    monkeypatch.setattr(models.weight_files, "CHUNK", 1000)
+    _, model, _ = build_tiny_lynx(dtype="bfloat16")
+    assert_same_tensors(model, reference)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_pad_row_mean_taken_by_slices_equals_the_whole_mean(dtype):
+    from models.loading import mean_row
+
+    weight = (torch.randn(3001, 700, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
+    assert torch.equal(mean_row(weight), weight.float().mean(dim=0, keepdim=True))
