@@ -76,7 +76,7 @@ def plan_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, dict, list, L
     llm_config._attn_implementation = "sdpa"
     model = model_skeleton(cfg, llm_config, device)
     if cfg.converted is not None:
-        plan, reports = converted_plan(cfg.converted, model, dtype)
+        plan, reports = converted_plan(cfg.converted, model, dtype, mapped=cfg.quantize is None)
     else:
         plan, reports = release_plan(cfg, model, file_vocab)
     return model, plan, reports, tokenizer

@@ -63,11 +63,12 @@ def check_converted(cfg) -> None:
                              f"{key} = {value!r} — convert again for this config or set converted: null")
 
 
-def converted_plan(folder: str, model, dtype) -> tuple[dict, list[LoadReport]]:
+def converted_plan(folder: str, model, dtype, mapped: bool = True) -> tuple[dict, list[LoadReport]]:
     """Every tensor of `model` (on meta) from the folder's model.safetensors, checked: missing or misshapen tensors
-    are an error. Tensors in the run's `dtype` are used in place (memory-mapped) on the CPU."""
+    are an error. With `mapped`, tensors in the run's `dtype` are used in place (memory-mapped) on the CPU; a run
+    that quantizes reads them instead, since the pages of a mapped layer would stay resident after quantizing it."""
     path = os.path.join(folder, WEIGHTS)
-    state = open_weight_file(path, "converted", mapped=True)
+    state = open_weight_file(path, "converted", mapped=mapped)
     stored = safetensors_metadata(path).get("dtype")
     if stored is not None and stored != str(dtype).removeprefix("torch."):
         log.warning("%s holds %s weights and this run uses %s: they are cast as they are read (exact only in the "

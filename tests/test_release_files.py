@@ -62,6 +62,6 @@ def test_load_benchmark_measures_both_ways(release, tmp_path, capsys):
     release_run, converted_run = report["runs"]
     assert release_run["source"] == "release" and converted_run["source"].endswith("converted")
     for run in report["runs"]:
-        assert run["load_s"] > 0 and run["peak_rss_gb"] > run["model_gb"] > 0.05
+        assert run["load_s"] > 0 and run["peak_rss_gb"] > run["model_gb"] > 0.03
     assert report["convert_s"] > 0
     assert "| release | cpu | bfloat16 | none |" in capsys.readouterr().out
