@@ -42,7 +42,7 @@ def check_weight_files(cfg: LynxConfig) -> None:
 
 def read_llm_config(folder: str):
     try:
-        return AutoConfig.from_pretrained(folder)
+        return AutoConfig.from_pretrained(folder, attn_implementation="sdpa")
     except (OSError, ValueError) as err:
         raise InputError(f"{folder}: cannot read the LLM's config.json ({str(err).splitlines()[0]})") from None
 
@@ -73,7 +73,6 @@ def plan_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, dict, list, L
     llm_config = read_llm_config(folder)
     file_vocab = llm_config.vocab_size
     llm_config.vocab_size = tokenizer.vocab_size  # [PAD] appended
-    llm_config._attn_implementation = "sdpa"
     model = model_skeleton(cfg, llm_config, device)
     if cfg.converted is not None:
         plan, reports = converted_plan(cfg.converted, model, dtype, mapped=cfg.quantize is None)

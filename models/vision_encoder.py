@@ -75,11 +75,12 @@ def eva_state_dict_for(wanted: set, state: dict, grid: int) -> tuple[dict, list[
 
 
 def resized_pos_embed(pos_embed: LazyTensor, grid: int) -> LazyTensor:
-    """The position table resized to the model's grid when it is read (in float32, then the run's dtype)."""
+    """The position table resized to the model's grid when it is read: on the CPU in float32 whatever the device
+    (the same numbers everywhere), then in the run's dtype."""
     shape = torch.Size([pos_embed.shape[0], 1 + grid * grid, pos_embed.shape[-1]])
 
     def make(device, dtype):
-        return resize_pos_embed(pos_embed.make(device, pos_embed.dtype), grid).to(dtype)
+        return resize_pos_embed(pos_embed.load("cpu"), grid).to(device=device, dtype=dtype)
 
     return LazyTensor(shape, pos_embed.dtype, make)
 

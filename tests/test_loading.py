@@ -7,7 +7,7 @@ import shutil
 import pytest
 import torch
 
-from conftest import FIXTURE, build_tiny_lynx
+from conftest import FIXTURE, build_tiny_lynx, fixture_config
 from configs.schema import config_from_dict
 from errors import InputError
 from models.build import build_lynx
@@ -173,3 +173,22 @@ def test_pad_row_mean_taken_by_slices_equals_the_whole_mean(dtype):
 
     weight = (torch.randn(3001, 700, generator=torch.Generator().manual_seed(0)) * 0.02).to(dtype)
     assert torch.equal(mean_row(weight), weight.float().mean(dim=0, keepdim=True))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("quantize", [None, "int8", "int4"])
+def test_loading_straight_to_cuda(quantize, monkeypatch):
+    """On the GPU: the CPU load's tensors (the [PAD] mean taken on the GPU: close, not equal), quantized layers
+    packed there, and the visual prefix computed."""
+    _, on_cpu, _ = build_tiny_lynx(dtype="bfloat16")
+    monkeypatch.chdir(FIXTURE)
+    model, _ = build_lynx(config_from_dict(fixture_config(dtype="bfloat16", quantize=quantize)), "cuda")
+    theirs = on_cpu.state_dict()
+    for key, value in model.state_dict().items():
+        assert value.device.type == "cuda", key
+        if quantize is None and key in ("LLM.model.embed_tokens.weight", "LLM.lm_head.weight"):
+            torch.testing.assert_close(value.cpu(), theirs[key], atol=1e-3, rtol=0)
+        elif quantize is None:
+            assert torch.equal(value.cpu(), theirs[key]), key
+    visual = model.encode_media(torch.rand(1, 3, 84, 84))
+    assert visual.device.type == "cuda" and torch.isfinite(visual.float()).all()
