@@ -28,6 +28,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 DECODERS = ("auto", "hf", "fast")
 VISION_KEYS = ("image", "video", "auto")
 FRAME_SAMPLING = ("uniform", "random")
+QUANTIZE = ("int8", "int4")
 # Keys of the original's configs that only training reads: accepted and checked, then dropped (they change no
 # answer, so they are not part of a run's settings).
 TRAINING_KEYS = ("drop_path_rate", "label_smoothing")
@@ -109,6 +110,9 @@ class LynxConfig:
     vit_checkpoint: str = "./data/eva_vit_g.pth"
     llm_path: str | None = None  # None: ./data/<LLM>
     vit: VitConfig | None = None  # overrides the `vision_encoder` preset's dimensions
+    quantize: str | None = None  # int8 | int4: weight-only (torchao) LLM linear layers; None: the run's dtype
+    quantize_vit: bool = False  # with `quantize`, the ViT's linear layers too
+    converted: str | None = None  # folder written by `python -m lynx.convert`: the weights come from there
 
     # ---- derived values
     @property
@@ -135,10 +139,11 @@ class LynxConfig:
 
 _SECTIONS = {"data": DataConfig, "vit": VitConfig}
 # Keys whose default is None, with the type a value must have.
-_OPTIONAL_TYPES = {"dtype": str, "llm_path": str}
+_OPTIONAL_TYPES = {"dtype": str, "llm_path": str, "quantize": str, "converted": str}
 _TYPE_NAMES = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list"}
 _CHOICES = {
     "dtype": DTYPES,
+    "quantize": QUANTIZE,
     "decoder": DECODERS,
     "vision_prompt_dict": VISION_KEYS,
     "vision_encoder": tuple(VIT_PRESETS),
@@ -170,6 +175,7 @@ _RULES = [
     ("checkpoint", _path, "a non-empty path"),
     ("vit_checkpoint", _path, "a non-empty path"),
     ("llm_path", _path, "null or a non-empty path"),
+    ("converted", _path, "null or a non-empty path (a folder written by python -m lynx.convert)"),
     ("data.num_frames", *_at_least(1)),
     ("data.num_workers", lambda v: v >= 0, "0 (read media in the main process) or more"),
     ("adapter_freq", *_at_least(1)),

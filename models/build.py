@@ -1,85 +1,84 @@
-"""Build Lynx from a config: ViT from eva_vit_g.pth, LLM from its folder, then the Lynx checkpoint on top."""
+"""Build Lynx from a config: ViT from eva_vit_g.pth, LLM from its folder, then the Lynx checkpoint on top — or the
+whole model from a converted folder — straight onto the device, tensor by tensor (see models/loading.py)."""
 from __future__ import annotations
 
+import functools
 import logging
 import os
 
 import torch
-from transformers import AutoConfig
+from transformers import AutoConfig, GenerationConfig
 
 from configs.schema import DTYPES, LynxConfig
 from errors import InputError
-from models.tokenizer import LynxTokenizer
-from models.checkpoint import (check_lynx_state, load_lynx_checkpoint, load_vision_weights,
-                               read_lynx_checkpoint, vision_weights)
+from models.converted import converted_plan
+from models.loading import materialise, release_plan
 from models.lynx import Lynx, LynxLlamaForCausalLM, vit_chunk_for
-from models.weight_files import check_weight_files
+from models.quantize import Quantizer
+from models.tokenizer import LynxTokenizer
+from models.weight_files import check_weight_files, llm_folder
 
 log = logging.getLogger("lynx")
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
 
 
-def add_pad_rows(llm: LynxLlamaForCausalLM, vocab_size: int) -> None:
-    """Grow the input and output embeddings to `vocab_size` rows set to the mean of the existing rows ([PAD])."""
-    old = llm.get_input_embeddings().weight.shape[0]
-    if vocab_size == old:
-        return
-    llm.resize_token_embeddings(vocab_size, mean_resizing=False)
-    with torch.no_grad():
-        for weight in (llm.get_input_embeddings().weight, llm.get_output_embeddings().weight):
-            weight[old:] = weight[:old].float().mean(dim=0, keepdim=True).to(weight.dtype)
-
-
-def load_llm(cfg: LynxConfig, dtype: torch.dtype) -> LynxLlamaForCausalLM:
+def read_llm_config(folder: str):
     try:
-        return LynxLlamaForCausalLM.from_pretrained(cfg.llm_dir, dtype=dtype, attn_implementation="sdpa")
+        return AutoConfig.from_pretrained(folder, attn_implementation="sdpa")
     except (OSError, ValueError) as err:
-        raise InputError(f"{cfg.llm_dir}: cannot load the LLM ({str(err).splitlines()[0]})") from None
+        raise InputError(f"{folder}: cannot read the LLM's config.json ({str(err).splitlines()[0]})") from None
 
 
-def model_skeleton(cfg: LynxConfig, vocab_size: int) -> Lynx:
-    """Lynx on the meta device (shapes, no memory, no weights): lets a checkpoint be checked before anything loads."""
-    try:
-        llm_config = AutoConfig.from_pretrained(cfg.llm_dir)
-    except (OSError, ValueError) as err:
-        raise InputError(f"{cfg.llm_dir}: cannot read the LLM's config.json ({str(err).splitlines()[0]})") from None
-    llm_config.vocab_size = vocab_size
-    with torch.device("meta"):
-        return Lynx(cfg, LynxLlamaForCausalLM(llm_config))
+def on_meta(build):
+    """`build` with every module it creates on the meta device: shapes, no memory, no weights."""
+    @functools.wraps(build)
+    def on_meta_device(*args, **kwargs):
+        with torch.device("meta"):
+            return build(*args, **kwargs)
+    return on_meta_device
+
+
+@on_meta
+def model_skeleton(cfg: LynxConfig, llm_config, device: str = "cpu") -> Lynx:
+    """Lynx on the meta device: lets the weight files be checked before anything loads, then `materialise`s."""
+    llm = LynxLlamaForCausalLM(llm_config)
+    model = Lynx(cfg, llm, vit_chunk=vit_chunk_for(cfg, device))
+    return model
+
+
+def plan_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, dict, list, LynxTokenizer]:
+    """Lynx on the meta device, the plan of its weights with every file checked against its shapes (nothing read
+    yet: a bad file fails in seconds), the load reports and the tokenizer."""
+    dtype = TORCH_DTYPES[cfg.resolve_dtype(device)]
+    folder = llm_folder(cfg)
+    tokenizer = LynxTokenizer(os.path.join(folder, "tokenizer.model"))
+    llm_config = read_llm_config(folder)
+    file_vocab = llm_config.vocab_size
+    llm_config.vocab_size = tokenizer.vocab_size  # [PAD] appended
+    model = model_skeleton(cfg, llm_config, device)
+    if cfg.converted is not None:
+        plan, reports = converted_plan(cfg.converted, model, dtype, mapped=cfg.quantize is None)
+    else:
+        plan, reports = release_plan(cfg, model, file_vocab)
+    return model, plan, reports, tokenizer
 
 
 def build_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, LynxTokenizer]:
-    """The model in eval mode on `device` in the config's dtype, and its tokenizer. Prints a load report."""
+    """The model in eval mode on `device` in the config's dtype (linear layers quantized if the config says so),
+    and its tokenizer. Prints a load report."""
     check_weight_files(cfg)
     dtype = TORCH_DTYPES[cfg.resolve_dtype(device)]
-    tokenizer = LynxTokenizer(os.path.join(cfg.llm_dir, "tokenizer.model"))
-    grid = cfg.image_res // cfg.vit_dims.patch_size
-    # Check both files against the model's shapes before any weight loads: a bad file fails in seconds.
-    skeleton = model_skeleton(cfg, tokenizer.vocab_size)
-    vit_weights = vision_weights(skeleton.vision_encoder.state_dict(), cfg.vit_checkpoint, grid)
-    lynx_state = read_lynx_checkpoint(cfg.checkpoint)
-    check_lynx_state(skeleton.state_dict(), lynx_state, cfg.checkpoint)
-    llm = load_llm(cfg, dtype)
-    add_pad_rows(llm, tokenizer.vocab_size)
-    model = Lynx(cfg, llm, vit_chunk=vit_chunk_for(cfg, device))
-    reports = [load_vision_weights(model.vision_encoder, cfg.vit_checkpoint, vit_weights)]
-    log.info("%s: LLM loaded (%d layers, adapters on %s)", cfg.llm_dir, llm.config.num_hidden_layers,
+    model, plan, reports, tokenizer = plan_lynx(cfg, device)
+    quantizer = Quantizer(model, cfg.quantize, device, dtype, vit=cfg.quantize_vit) if cfg.quantize else None
+    materialise(model, plan, device, dtype, quantizer)
+    model.LLM.config.dtype = dtype
+    folder = llm_folder(cfg)
+    if os.path.isfile(os.path.join(folder, "generation_config.json")):
+        model.LLM.generation_config = GenerationConfig.from_pretrained(folder)
+    log.info("%s: LLM loaded (%d layers, adapters on %s)", folder, model.LLM.config.num_hidden_layers,
              model.adapter_layers)
-    reports.append(load_lynx_checkpoint(model, cfg.checkpoint, lynx_state))
     for report in reports:
         log.info("%s", report.summary())
-    cast_new_parts(model, dtype)
-    model.to(device=device).eval()
-    model.requires_grad_(False)
+    if quantizer is not None:
+        log.info("%s", quantizer.summary())
     return model, tokenizer
-
-
-def cast_new_parts(model: Lynx, dtype: torch.dtype) -> None:
-    """Bring the parts built here (ViT, bridge, adapters, frame positions) to the LLM's dtype. Not `model.to(dtype)`:
-    that would also round the LLM's float32 rotary frequencies, shifting every position in bfloat16."""
-    model.vision_encoder.to(dtype)
-    model.bridge.to(dtype)
-    for i in model.adapter_layers:
-        model.LLM.model.layers[i].output_adapter.to(dtype)
-    if model.absolute_frame_pos_embed is not None:
-        model.absolute_frame_pos_embed.data = model.absolute_frame_pos_embed.data.to(dtype)

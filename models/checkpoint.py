@@ -6,16 +6,13 @@ prefixes, every trained part must be present, and shapes must match.
 """
 from __future__ import annotations
 
-import os
-import pickle
-import re
 from dataclasses import dataclass, field
 
 import torch
 
 from errors import InputError
 from models.vision_encoder import eva_state_dict_for, fuse_split_qkv
-from models.weight_files import WEIGHT_SOURCES
+from models.tensor_files import LazyTensor, open_weight_file
 
 KEY_PREFIXES = ("module.", "model.")
 PARTS = ("vision encoder", "LLM", "adapters", "bridge", "frame positions")
@@ -37,47 +34,13 @@ TRAINED_PARTS = ("adapters", "bridge", "frame positions")
 
 
 def read_state_file(path: str, what: str) -> dict:
-    """Tensors of a .pt/.pth/.bin (loaded with weights_only=True: no pickled code runs) or .safetensors file."""
-    if not os.path.isfile(path):
-        raise InputError(f"weight file not found: {path} — get {WEIGHT_SOURCES[what]}")
-    try:
-        state = _load_tensors(path)
-    except pickle.UnpicklingError as err:
-        found = re.search(r"GLOBAL (\S+)", str(err))
-        if found is None:  # not a pickle of tensors at all (torch words this as a weights_only failure too)
-            raise InputError(f"{path}: cannot read this weight file ({_unpickler_detail(err)})") from None
-        raise InputError(
-            f"{path}: refused: it holds the Python object {found.group(1)}, and loading that would execute pickled "
-            f"code, which is not allowed (weights_only=True). Re-save the file as a plain dict of tensors or as "
-            f".safetensors."
-        ) from None
-    except Exception as err:  # truncated or not a weight file at all
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise InputError(f"{path}: cannot read this weight file ({type(err).__name__}: {first})") from None
-    if not isinstance(state, dict):
-        raise InputError(f"{path}: expected a dict of tensors, found {type(state).__name__}")
-    return state
+    """Every tensor of a weight file, read at once (small files, tests); loading reads tensor by tensor."""
+    def read(content):
+        if isinstance(content, LazyTensor):
+            return content.load()
+        return {k: read(v) for k, v in content.items()} if isinstance(content, dict) else content
 
-
-def _load_tensors(path: str):
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError as err:
-        if "mmap" not in str(err):
-            raise
-    return torch.load(path, map_location="cpu", weights_only=True)  # legacy (non-zip) files cannot be mmapped
-
-
-def _unpickler_detail(err: Exception) -> str:
-    """The one informative line of torch's long weights_only message (e.g. 'Unsupported operand 110')."""
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
-    useful = [line for line in lines if not line.startswith(("Weights only load failed", "Please file an issue",
-                                                              "Check the documentation"))]
-    return useful[-1] if useful else (lines[0] if lines else type(err).__name__)
+    return read(open_weight_file(path, what))
 
 
 def strip_key_prefix(key: str) -> str:
@@ -92,10 +55,12 @@ def strip_key_prefix(key: str) -> str:
 
 
 def clean_lynx_state(state: dict) -> dict:
-    """Unwrap `{'model': ...}`, strip prefixes and bring split ViT q/k/v keys into the model's fused layout."""
+    """Unwrap `{'model': ...}`, strip prefixes and bring split ViT q/k/v keys into the model's fused layout.
+    Returns LazyTensors (tensors given are wrapped): nothing is read here."""
     if "model" in state and isinstance(state["model"], dict):
         state = state["model"]
-    cleaned = {strip_key_prefix(k): v for k, v in state.items() if isinstance(v, torch.Tensor)}
+    cleaned = {strip_key_prefix(k): v if isinstance(v, LazyTensor) else LazyTensor.of(v) for k, v in state.items()
+               if isinstance(v, (LazyTensor, torch.Tensor))}
     return fuse_split_qkv(cleaned)
 
 
@@ -133,42 +98,25 @@ def check_shapes(own: dict, state: dict, path: str) -> None:
                              f"{tuple(own[key].shape)} — the file does not fit this config")
 
 
-def _copy_into(model: torch.nn.Module, state: dict, report: LoadReport, prefix: str = "") -> None:
-    """Copy the tensors the model has into it (shapes checked before); the others are reported as ignored."""
-    own = model.state_dict()
-    selected = {}
-    for key, value in state.items():
-        if key not in own:
-            report.ignored.append(key)
-            continue
-        selected[key] = value
-        report.count(prefix + key)
-    model.load_state_dict(selected, strict=False)
-
-
-def vision_weights(own: dict, path: str, grid: int) -> tuple[dict, list[str]]:
-    """The tensors of eva_vit_g.pth the ViT uses (position grid resized) and the keys it does not use, checked
-    against the ViT's state dict `own`: a key the model needs but the file lacks, or a wrong shape, is an error."""
-    selected, unused = eva_state_dict_for(set(own), read_state_file(path, "vit"), grid)
+def vision_weights(own: dict, path: str, grid: int) -> tuple[dict, LoadReport]:
+    """The tensors of eva_vit_g.pth the ViT uses (position grid resized), checked against the ViT's state dict `own`
+    (shapes; may live on meta): a key the model needs but the file lacks, or a wrong shape, is an error. The report
+    lists the file's unused blocks and heads."""
+    selected, unused = eva_state_dict_for(set(own), open_weight_file(path, "vit"), grid)
     missing = sorted(set(own) - set(selected))
     if missing:
         raise InputError(f"{path}: missing {len(missing)} vision-encoder tensors the model needs, e.g. '{missing[0]}'")
     check_shapes(own, selected, path)
-    return selected, unused
-
-
-def load_vision_weights(vision_encoder: torch.nn.Module, path: str, weights: tuple[dict, list[str]]) -> LoadReport:
-    """Load `weights` (vision_weights of eva_vit_g.pth) into the ViT; unused blocks and heads are reported."""
-    selected, unused = weights
     report = LoadReport(path)
-    _copy_into(vision_encoder, selected, report, prefix="vision_encoder.")
+    for key in selected:
+        report.count("vision_encoder." + key)
     report.ignored.extend(unused)
-    return report
+    return selected, report
 
 
 def read_lynx_checkpoint(path: str) -> dict:
-    """The Lynx checkpoint's tensors with clean keys (see clean_lynx_state)."""
-    return clean_lynx_state(read_state_file(path, "checkpoint"))
+    """The Lynx checkpoint's tensors (LazyTensors) with clean keys (see clean_lynx_state)."""
+    return clean_lynx_state(open_weight_file(path, "checkpoint"))
 
 
 def check_lynx_state(own: dict, state: dict, path: str) -> None:
@@ -181,17 +129,29 @@ def check_lynx_state(own: dict, state: dict, path: str) -> None:
     check_shapes(own, state, path)
 
 
-def load_lynx_checkpoint(model: torch.nn.Module, path: str, state: dict | None = None) -> LoadReport:
-    """Load a Lynx checkpoint (trained parts only, or the whole model) on top of the ViT and LLM weights.
-    `state`: the checkpoint as read_lynx_checkpoint returned it and check_lynx_state passed, when that happened
-    already (before the model was built); otherwise the file is read and checked here."""
-    own = model.state_dict()
-    if state is None:
-        state = read_lynx_checkpoint(path)
-        check_lynx_state(own, state, path)
+def lynx_report(own: dict, state: dict, path: str) -> LoadReport:
+    """What the checkpoint gives the model (`own`: its state dict), what it holds that the model lacks, and what
+    the model keeps from the ViT and LLM files."""
     report = LoadReport(path)
-    _copy_into(model, state, report)
+    for key in state:
+        if key in own:
+            report.count(key)
+        else:
+            report.ignored.append(key)
     for key in own:
         if key not in state:
             report.kept[part_of(key)] = report.kept.get(part_of(key), 0) + 1
     return report
+
+
+def load_lynx_checkpoint(model: torch.nn.Module, path: str) -> LoadReport:
+    """Read, check and copy a Lynx checkpoint (trained parts only, or the whole model) into a built model, on top
+    of what it holds; each tensor is read once, into the model's device and dtype."""
+    own = model.state_dict()
+    state = read_lynx_checkpoint(path)
+    check_lynx_state(own, state, path)
+    with torch.no_grad():
+        for key, value in state.items():
+            if key in own:
+                own[key].copy_(value.load(own[key].device, own[key].dtype))
+    return lynx_report(own, state, path)

@@ -14,6 +14,7 @@ from timm.models.eva import Eva
 from torch import nn
 
 from configs.schema import VitConfig
+from models.tensor_files import LazyTensor
 
 
 def build_vision_encoder(dims: VitConfig, image_res: int) -> Eva:
@@ -56,24 +57,37 @@ def resize_pos_embed(pos_embed: torch.Tensor, grid: int) -> torch.Tensor:
 
 
 def eva_state_dict_for(wanted: set, state: dict, grid: int) -> tuple[dict, list[str]]:
-    """Select from an EVA checkpoint the keys in `wanted` (the ViT's state-dict keys) and resize its position grid.
+    """Select from an EVA checkpoint (LazyTensors) the keys in `wanted` (the ViT's state-dict keys), its position
+    grid to be resized when read.
 
     Returns (state dict for the model, keys of the file that the model does not use). Extra blocks (the 40th of
     eva_vit_g.pth) and heads are among the unused keys.
     """
     selected, unused = {}, []
     for key, value in state.items():
-        if key not in wanted:
+        if key not in wanted or not isinstance(value, LazyTensor):
             unused.append(key)
         elif key == "pos_embed":
-            selected[key] = resize_pos_embed(value, grid)
+            selected[key] = resized_pos_embed(value, grid)
         else:
             selected[key] = value
     return selected, unused
 
 
+def resized_pos_embed(pos_embed: LazyTensor, grid: int) -> LazyTensor:
+    """The position table resized to the model's grid when it is read: on the CPU in float32 whatever the device
+    (the same numbers everywhere), then in the run's dtype."""
+    shape = torch.Size([pos_embed.shape[0], 1 + grid * grid, pos_embed.shape[-1]])
+
+    def make(device, dtype):
+        return resize_pos_embed(pos_embed.load("cpu"), grid).to(device=device, dtype=dtype)
+
+    return LazyTensor(shape, pos_embed.dtype, make)
+
+
 def fuse_split_qkv(state: dict, prefix: str = "vision_encoder.") -> dict:
-    """Turn `...attn.{q,k,v}_proj.*` keys (the layout of whole-model Lynx checkpoints) into EVA's fused layout."""
+    """Turn `...attn.{q,k,v}_proj.*` keys (the layout of whole-model Lynx checkpoints) into EVA's fused layout.
+    Values are LazyTensors: the fused qkv is concatenated when it is read."""
     out = {}
     groups: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in state.items():
@@ -85,7 +99,7 @@ def fuse_split_qkv(state: dict, prefix: str = "vision_encoder.") -> dict:
     for head, parts in groups.items():
         names = ("q_proj.weight", "k_proj.weight", "v_proj.weight")
         if all(n in parts for n in names):
-            out[head + "qkv.weight"] = torch.cat([parts[n] for n in names], dim=0)
+            out[head + "qkv.weight"] = LazyTensor.cat([parts[n] for n in names])
         else:  # incomplete: keep as they are so the load report names them
             out.update({head + n: parts[n] for n in names if n in parts})
         if "q_proj.bias" in parts:

@@ -68,15 +68,11 @@ def write_random_fixture(root: Path, seed: int = 7) -> Path:
         shutil.copytree(FIXTURE / folder, root / folder)
     for name in ("Open_VQA_images_tiny.jsonl", "Open_VQA_videos_tiny.jsonl"):
         shutil.copy(FIXTURE / "data" / name, data / name)
-    # The trained parts need a model of this shape to know their keys: build one without a Lynx checkpoint.
-    torch.save({"model": {}}, data / "empty.pt")
-    cfg = config_from_dict(config(root, checkpoint=str(data / "empty.pt")))
-    from models import build
-    from models.lynx import Lynx
+    # The trained parts' keys and shapes: those of a model of this shape, on the meta device.
+    from models.build import model_skeleton, read_llm_config
 
-    lynx = Lynx(cfg, build.load_llm(cfg, torch.float32))
-    torch.save({"model": trained_parts(lynx.state_dict(), generator)}, data / "finetune_lynx.pt")
-    (data / "empty.pt").unlink()
+    skeleton = model_skeleton(config_from_dict(config(root)), read_llm_config(str(data / "vicuna-7b")))
+    torch.save({"model": trained_parts(skeleton.state_dict(), generator)}, data / "finetune_lynx.pt")
     return root
 
 

@@ -37,8 +37,8 @@ def test_split_qkv_keys_are_fused_into_the_eva_layout():
     cleaned = clean_lynx_state(state)
     assert set(cleaned) == {"vision_encoder.blocks.0.attn.qkv.weight", "vision_encoder.blocks.0.attn.q_bias",
                             "vision_encoder.blocks.0.attn.v_bias", "bridge.latents"}
-    assert torch.equal(cleaned["vision_encoder.blocks.0.attn.qkv.weight"], torch.cat([q, k, v]))
-    assert torch.equal(cleaned["vision_encoder.blocks.0.attn.q_bias"], qb)
+    assert torch.equal(cleaned["vision_encoder.blocks.0.attn.qkv.weight"].load(), torch.cat([q, k, v]))
+    assert torch.equal(cleaned["vision_encoder.blocks.0.attn.q_bias"].load(), qb)
 
 
 @pytest.fixture(scope="module")

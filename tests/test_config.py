@@ -182,6 +182,9 @@ BAD_VALUES = [
     ({"data": {"num_frames": True}}, "'data.num_frames' must be an integer, got True"),
     # choices
     ({"dtype": "fp8"}, "'dtype' must be one of float32, bfloat16, float16, got 'fp8'"),
+    ({"quantize": "int2"}, "'quantize' must be one of int8, int4, got 'int2'"),
+    ({"converted": ""}, "'converted' must be null or a non-empty path (a folder written by python -m lynx.convert), "
+                        "got ''"),
     ({"decoder": "vllm"}, "'decoder' must be one of auto, hf, fast, got 'vllm'"),
     ({"vision_prompt_dict": "audio"}, "'vision_prompt_dict' must be one of image, video, auto, got 'audio'"),
     ({"vision_encoder": "eva_vit_g"}, "'vision_encoder' must be one of eva_vit_1b, got 'eva_vit_g'"),

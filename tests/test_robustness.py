@@ -58,7 +58,7 @@ def no_weights_loaded(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("weights were loaded before the checkpoint problem was found")
 
-    monkeypatch.setattr(models.build, "load_llm", refuse)
+    monkeypatch.setattr(models.build, "materialise", refuse)
 
 
 def one_line_error(capsys) -> str:

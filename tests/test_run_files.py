@@ -420,3 +420,20 @@ def test_the_shipped_workers_raise_no_dataloader_warning(tmp_path, in_fixture, c
     lowered = [m for m in caplog.messages if m.startswith("data.num_workers")]
     assert lowered == ([f"data.num_workers: 4 lowered to {cpus}, the CPUs this process may use"] if cpus < 4 else [])
     assert (tmp_path / "answers.jsonl").read_bytes() == EXPECTED.read_bytes()
+
+
+@pytest.mark.parametrize("how", ["date", "size"])
+def test_a_converted_folder_changes_the_fingerprint(tmp_path, in_fixture, how):
+    """A folder converted again in place is another model: its files are stamped, not the release files'."""
+    folder = tmp_path / "converted"
+    folder.mkdir()
+    weights = folder / "model.safetensors"
+    weights.write_bytes(b"\0" * 64)
+    before = fingerprint_of(converted=str(folder))
+    if how == "date":
+        stat = weights.stat()
+        os.utime(weights, (stat.st_atime, stat.st_mtime + 10))
+    else:
+        with open(weights, "ab") as f:
+            f.write(b"\0")
+    assert fingerprint_of(converted=str(folder)) != before

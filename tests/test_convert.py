@@ -1,0 +1,104 @@
+"""Converted folders (python -m lynx.convert): the same model and the same answers as the release files, loaded
+memory-mapped with nothing read in the run's dtype, and refused when made for another config."""
+import os
+
+import pytest
+import torch
+import yaml
+
+import generate
+import models.tensor_files
+from conftest import FIXTURE, build_tiny_lynx, fixture_cases, fixture_config
+from errors import InputError
+from lynx import convert
+from test_loading import assert_same_tensors
+
+CASES = {c["name"]: c for c in fixture_cases()}
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """The tiny fixture converted in float32 (its runs' dtype), made from the fixture root."""
+    out = tmp_path_factory.mktemp("converted") / "lynx-f32"
+    config = tmp_path_factory.mktemp("cfg") / "config.yaml"
+    config.write_text(yaml.safe_dump(fixture_config()))
+    cwd = os.getcwd()
+    os.chdir(FIXTURE)
+    try:
+        assert convert.main(["--config", str(config), "--out", str(out), "--dtype", "float32"]) == 0
+    finally:
+        os.chdir(cwd)
+    return str(out)
+
+
+def test_converted_folder_holds_the_same_model(converted, monkeypatch):
+    _, reference, _ = build_tiny_lynx()
+
+    def no_reads(*args):
+        raise AssertionError("a tensor was read, not mapped")
+
+    monkeypatch.setattr(models.tensor_files, "_read", no_reads)  # in the run's dtype on the CPU: mapped, no copy
+    _, model, _ = build_tiny_lynx(converted=converted)
+    assert_same_tensors(model, reference)
+
+
+def test_converted_folder_in_another_dtype_is_cast_when_read(converted):
+    """Equal to the release files' load in that dtype, except the [PAD] rows: their mean was taken in float32."""
+    _, reference, _ = build_tiny_lynx(dtype="bfloat16")
+    _, model, _ = build_tiny_lynx(converted=converted, dtype="bfloat16")
+    theirs = reference.state_dict()
+    for key, value in model.state_dict().items():
+        if key in ("LLM.model.embed_tokens.weight", "LLM.lm_head.weight"):
+            assert torch.equal(value[:-1], theirs[key][:-1])
+            torch.testing.assert_close(value[-1:], theirs[key][-1:], atol=1e-3, rtol=0)
+        else:
+            assert value.dtype == torch.bfloat16 and torch.equal(value, theirs[key]), key
+
+
+@pytest.mark.parametrize("name", ["images_greedy", "videos_beam5"])
+def test_converted_folder_gives_the_original_answers(converted, name, tmp_path, in_fixture):
+    case = CASES[name]
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(fixture_config(**case["set"], converted=converted)))
+    output = tmp_path / "answers.jsonl"
+    assert generate.main(["--config", str(cfg_path), "--output_path", str(output), "--device", "cpu"]) == 0
+    assert output.read_bytes() == (FIXTURE / case["expected"]).read_bytes()
+
+
+def test_folder_made_from_another_checkpoint_is_refused(converted):
+    with pytest.raises(InputError, match=r"was made with checkpoint = './data/finetune_lynx.pt', but this config has "
+                                         r"checkpoint = './data/full_lynx.pt' — convert again for this config"):
+        build_tiny_lynx(converted=converted, checkpoint="./data/full_lynx.pt")
+
+
+def test_folder_made_for_other_model_settings_is_refused(converted):
+    with pytest.raises(InputError, match=r"was made with adapter_freq = 2, but this config has adapter_freq = 1"):
+        build_tiny_lynx(converted=converted, adapter_freq=1)
+
+
+def test_incomplete_folder_names_the_missing_file(converted, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(converted, copy)
+    (copy / "model.safetensors").unlink()
+    with pytest.raises(InputError, match=r"converted folder .*copy: no model\.safetensors — write the folder with "
+                                         r"python -m lynx\.convert"):
+        build_tiny_lynx(converted=str(copy))
+
+
+def test_release_files_are_not_needed(converted, tmp_path, monkeypatch):
+    """Only the folder is read: from a folder where the config's release files do not exist, the run loads."""
+    from configs.schema import config_from_dict
+    from models.build import build_lynx
+
+    monkeypatch.chdir(tmp_path)
+    cfg = config_from_dict(fixture_config(converted=converted))
+    assert not any(os.path.exists(p) for p in (cfg.vit_checkpoint, cfg.llm_dir, cfg.checkpoint))
+    model, _ = build_lynx(cfg, "cpu")
+    assert model.LLM.lm_head.weight.shape[0] == 1001
+
+
+def test_quantized_run_from_a_converted_folder(converted):
+    _, model, _ = build_tiny_lynx(converted=converted, quantize="int8")
+    assert type(model.LLM.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
