@@ -178,7 +178,7 @@ def chi_square_ok(counts: dict[int, int], probs: dict[int, float]) -> tuple[floa
     return stat, df * (1 - 2 / (9 * df) + z * math.sqrt(2 / (9 * df))) ** 3
 
 
-WARPS = [dict(top_k=3), dict(top_p=0.7), dict(temperature=0.6, top_k=5, top_p=0.8),
+WARPS = [dict(top_k=3), dict(top_p=0.81), dict(temperature=0.6, top_k=5, top_p=0.8),
          dict(temperature=1.7, top_k=6, top_p=0.9)]
 
 
