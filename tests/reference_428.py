@@ -21,10 +21,11 @@ logits_process.py) decodes that, and where transformers 5.24 differs:
    then carries on in the beam scores and hypothesis scores (5.24: the temperature divides the step's log-probs
    only). Candidates: `torch.multinomial(softmax over num_beams x vocab), 2 * num_beams)`, sorted by score.
 6. `BeamSearchScorer`: a candidate EOS ranked below num_beams is dropped; a finished hypothesis is scored
-   sum / L ** length_penalty with L = generated tokens incl. EOS; `is_done` (early_stopping False) compares the
-   worst kept hypothesis with best candidate score of the step / (1 + generated) ** length_penalty (5.24: best
-   running beam / generated ** length_penalty); at the length limit `finalize` adds every running beam of an
-   unfinished row with L = 1 + max_new_tokens (5.24: only candidates ranked below num_beams, L = max_new_tokens).
+   sum / L ** length_penalty with L = generated tokens incl. EOS; once num_beams are kept, `is_done`
+   (early_stopping False) compares the worst with the step's best candidate score / (1 + generated) **
+   length_penalty (5.24: the best running beam / generated ** length_penalty); at the length limit `finalize`
+   adds every running beam of an unfinished prompt with L = 1 + max_new_tokens (5.24: only candidates ranked
+   below num_beams, L = max_new_tokens).
 7. Filler: pad after EOS in greedy/sampling rows; beam rows get EOS after a shorter hypothesis, then pad.
 """
 from __future__ import annotations
@@ -239,7 +240,9 @@ def decode_beams(logits_fn, batch_size: int, s: DecodingSettings, eos_id: int, p
 def reference_generate(logits_fn, batch_size: int, s: DecodingSettings, *, eos_id: int, pad_id: int, bos_id: int = 1,
                        early_stopping=False, trace: list | None = None) -> torch.Tensor:
     """The rows 4.28.1's generate returned: the placeholder `bos_id`, the generated ids, then filler. Sampled modes
-    draw from torch's default generator (seed it with `torch.manual_seed` first, as the original was seeded)."""
+    draw from torch's default generator (seed it with `torch.manual_seed` first, as the original was seeded).
+    `logits_fn(rows, generated)`: next-token logits of prompt `rows` continued by `generated` (see `llm_logits`).
+    `early_stopping`: 4.28's option (the original never set it: False)."""
     if s.num_beams == 1:
         return decode_rows(logits_fn, batch_size, s, eos_id, pad_id, bos_id)
     return decode_beams(logits_fn, batch_size, s, eos_id, pad_id, bos_id, early_stopping, trace)
