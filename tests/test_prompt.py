@@ -75,6 +75,42 @@ def test_pad_batch_places_pads_and_mask(left):
     assert ids.dtype == torch.long
 
 
+# Ids from transformers 4.28.1's slow LlamaTokenizer on the fixture's tokenizer.model, `[PAD]` added as the original
+# added it (`add_special_tokens({"pad_token": "[PAD]"})`): ["<s>"] + tokenize(text), then the ids.
+SPECIAL_TEXT_IDS = {
+    "user: what is <s> this?\nbot:": [1, 326, 931, 303, 272, 904, 1, 904, 331, 926, 13, 920, 295, 931],
+    "user: a</s>b<unk>c\nbot:": [1, 326, 931, 263, 2, 269, 0, 270, 13, 920, 295, 931],
+    "user: x [PAD] y\nbot:": [1, 326, 931, 904, 932, 1000, 358, 13, 920, 295, 931],
+    "user: x[PAD]y  [PAD]\n\nbot:": [1, 326, 931, 904, 932, 1000, 358, 1000, 318, 931],
+    "user: <s></s><unk>[PAD]<s>\nbot:": [1, 326, 931, 904, 1, 2, 0, 1000, 1, 904, 13, 920, 295, 931],
+    "user: [pad] <S>\nbot:": [1, 326, 931, 747, 919, 767, 962, 904, 973, 944, 974, 13, 920, 295, 931],
+    "user: <<s>> [PAD]\t</s>\nbot:": [1, 326, 931, 904, 973, 1, 904, 974, 1000, 2, 904, 13, 920, 295, 931],
+}
+
+
+@pytest.mark.parametrize("text", SPECIAL_TEXT_IDS)
+def test_special_token_texts_in_a_prompt_become_their_ids_as_in_the_original(tokenizer, text):
+    assert tokenizer.encode(text, 40) == SPECIAL_TEXT_IDS[text]
+
+
+def test_text_around_special_tokens_is_encoded_piece_by_piece(tokenizer):
+    """<s>, </s>, <unk> keep the spaces beside them; [PAD] (added as a plain string) drops them on both sides."""
+    sp = tokenizer.sp
+    assert tokenizer.encode("user: what is <s> this?\nbot:", 40) == [
+        1, *sp.encode("user: what is "), 1, *sp.encode(" this?\nbot:")]
+    assert tokenizer.encode("user: x \n[PAD]  y\nbot:", 40) == [
+        1, *sp.encode("user: x"), tokenizer.pad_id, *sp.encode("y\nbot:")]
+
+
+def test_lowered_prompts_keep_special_texts_but_not_pad(tokenizer):
+    """Lowering leaves <s>, </s>, <unk> as they are and turns [PAD] into [pad], which is plain text."""
+    record = {"question": "Is <s> or [PAD] here?"}
+    lowered = tokenizer.encode(format_prompt(TEMPLATE, record, lower_text=True), 40)
+    kept = tokenizer.encode(format_prompt(TEMPLATE, record, lower_text=False), 40)
+    assert lowered.count(tokenizer.bos_id) == 2 and tokenizer.pad_id not in lowered
+    assert kept.count(tokenizer.bos_id) == 2 and kept.count(tokenizer.pad_id) == 1
+
+
 def test_pad_token_follows_the_sentencepiece_vocabulary(tokenizer):
     assert tokenizer.pad_id == tokenizer.sp.get_piece_size() == 1000
     assert tokenizer.vocab_size == 1001
