@@ -34,9 +34,10 @@ class LynxTokenizer:
         return self.pad_id + 1
 
     def encode(self, text: str, max_tokens: int) -> list[int]:
-        """BOS + the text's ids, then only the last `max_tokens` (the original's truncation, BOS lost if long)."""
+        """BOS + the text's ids, then only the last `max_tokens` (the original's truncation, BOS lost if long);
+        `max_tokens` 0 or less keeps them all, as the original did."""
         ids = [self.bos_id] + self.text_ids(text)
-        return ids[-max_tokens:]
+        return ids[-max_tokens:] if max_tokens > 0 else ids
 
     def text_ids(self, text: str) -> list[int]:
         """The ids of `text` without BOS."""
