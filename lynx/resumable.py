@@ -47,9 +47,11 @@ class SideFile(NamedTuple):
 
 
 def file_stamp(path: str) -> list:
-    """Identity of a weight file or folder without reading it: name, size, modification time."""
+    """Identity of a weight file or folder without reading it: name, size, modification time (of every file in a
+    folder and its subfolders)."""
     if os.path.isdir(path):
-        return sorted(file_stamp(os.path.join(path, name)) for name in os.listdir(path))
+        return sorted(file_stamp(os.path.join(folder, name))
+                      for folder, _, names in os.walk(path) for name in names)
     if not os.path.exists(path):
         return [path, None]
     stat = os.stat(path)

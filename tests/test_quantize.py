@@ -92,7 +92,7 @@ def test_int4_on_cuda_needs_bfloat16():
 
 
 def test_unknown_mode_is_named():
-    with pytest.raises(InputError, match="'quantize' must be one of int8, int4; got 'int3'"):
+    with pytest.raises(InputError, match="'quantize' must be one of int8, int4, got 'int3'"):
         config_from_dict({"quantize": "int3"})
 
 

@@ -426,7 +426,8 @@ def test_the_shipped_workers_raise_no_dataloader_warning(tmp_path, in_fixture, c
 def test_a_converted_folder_changes_the_fingerprint(tmp_path, in_fixture, how):
     """A folder converted again in place is another model: its files are stamped, not the release files'."""
     folder = tmp_path / "converted"
-    folder.mkdir()
+    (folder / "llm").mkdir(parents=True)
+    (folder / "llm" / "config.json").write_text("{}")
     weights = folder / "model.safetensors"
     weights.write_bytes(b"\0" * 64)
     before = fingerprint_of(converted=str(folder))
