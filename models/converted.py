@@ -16,7 +16,7 @@ import os
 
 
 from errors import InputError
-from models.checkpoint import LoadReport, check_shapes
+from models.checkpoint import LoadReport, check_shapes, lynx_report
 from models.tensor_files import open_weight_file, safetensors_metadata
 from models.weight_files import CONVERTED_WEIGHTS
 
@@ -40,10 +40,4 @@ def converted_plan(folder: str, model, dtype, mapped: bool = True) -> tuple[dict
         raise InputError(f"{path}: missing {len(missing)} tensors the model needs, e.g. '{missing[0]}' — convert "
                          f"again for this config")
     check_shapes(own, state, path)
-    report = LoadReport(path)
-    for key in state:
-        if key in own:
-            report.count(key)
-        else:
-            report.ignored.append(key)
-    return {key: state[key] for key in own}, [report]
+    return {key: state[key] for key in own}, [lynx_report(own, state, path)]
