@@ -39,13 +39,13 @@ def drawing_from(generator: torch.Generator | None, device: torch.device):
         yield
         return
     device = torch.device(device)
+    if generator.device.type != device.type:
+        raise ValueError(f"a generator on {generator.device} cannot draw for {device}: make it on {device}")
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
         get, set_ = (lambda: torch.cuda.get_rng_state(index)), (lambda state: torch.cuda.set_rng_state(state, index))
     else:
         get, set_ = torch.get_rng_state, torch.set_rng_state
-    if generator.device.type != device.type:
-        raise ValueError(f"a generator on {generator.device} cannot draw for {device}: make it on {device}")
     saved = get()
     set_(generator.get_state())
     try:
