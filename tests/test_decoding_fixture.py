@@ -93,3 +93,57 @@ def test_greedy_and_beam_search_give_the_original_ids(decoder, kind, mode):
         want = [m[f"{mode}_ids"] for m in sorted(meta, key=lambda m: m["row"]) if m["batch"] == b]
         ids = decode(decoder, inputs, settings)
         assert answer_ids(torch.tensor(with_placeholder(ids)), EOS) == want, f"batch {b}"
+
+
+def same_frequencies(a: list, b: list) -> tuple[float, float]:
+    """Two equal-sized samples of answers: the chi-square statistic of their 2 x k table (answers seen fewer than 10
+    times in both together merged into one cell) and a bound it exceeds with probability about 1e-6 when both come
+    from one distribution."""
+    assert len(a) == len(b)
+    cells, rare = [], [0, 0]
+    for answer in set(a) | set(b):
+        x, y = a.count(answer), b.count(answer)
+        if x + y >= 10:
+            cells.append((x, y))
+        else:
+            rare = [rare[0] + x, rare[1] + y]
+    if sum(rare):
+        cells.append(tuple(rare))
+    stat = sum((x - y) ** 2 / (x + y) for x, y in cells)
+    df = max(len(cells) - 1, 1)
+    z = 4.75  # Wilson-Hilferty quantile of chi-square at 1 - 1e-6
+    return stat, df * (1 - 2 / (9 * df) + z * (2 / (9 * df)) ** 0.5) ** 3
+
+
+@pytest.mark.gpu
+def test_cuda_answers_come_in_the_cpu_frequencies(decoder):
+    """The paper's decoding on CUDA (fixed batch and prompt shapes, CUDA graphs, decoding.draws.exponential_race)
+    draws other numbers than the CPU (torch.multinomial, the original's draws), from the same distribution: over
+    many seeds each record's answers come in the same frequencies on both (float32 on both). Run on a GPU machine
+    with `python -m pytest -m gpu`."""
+    import copy
+
+    from decoding import make_decoder
+
+    assert torch.cuda.is_available(), "this test needs a CUDA device"
+    cfg, model, tokenizer = build_tiny_lynx(decoder="auto")
+    gpu = make_decoder(cfg, copy.deepcopy(model).cuda().LLM, tokenizer, "cuda", compile=False)
+    assert gpu.cuda_graphs and gpu.batch_size == cfg.batch_size_test
+    seeds = range(200)
+    for kind in BATCHES:
+        inputs = batch_inputs(kind, 0)
+        settings = settings_from_kwargs(inputs["generate_kwargs"])
+        cpu_answers, cuda_answers = [], []
+        for seed in seeds:
+            cpu_answers.append(answer_ids(torch.tensor(with_placeholder(decode(decoder, inputs, settings, seed))),
+                                          EOS))
+            ids = gpu.generate(inputs["inputs_embeds"].cuda(), inputs["attention_mask"].cuda(), settings,
+                               generator=torch.Generator(device="cuda").manual_seed(seed)).cpu()
+            cuda_answers.append(answer_ids(torch.tensor(with_placeholder(ids)), EOS))
+        assert cuda_answers != cpu_answers  # other draws
+        for row in range(len(inputs["attention_mask"])):
+            on_cpu = [tuple(a[row]) for a in cpu_answers]
+            on_cuda = [tuple(a[row]) for a in cuda_answers]
+            assert len(set(on_cuda)) > 1 or len(set(on_cpu)) == 1, (kind, row)  # the draws are not lost
+            stat, bound = same_frequencies(on_cpu, on_cuda)
+            assert stat < bound, (kind, row, stat, bound)
