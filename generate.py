@@ -75,7 +75,7 @@ def answer(args, cfg, records, run: ResumableRun) -> int:
 
     device = run.processes.join(args.device)
     run.open(run_fingerprint(cfg, device, args.seed), args.overwrite)
-    seed_everything(args.seed + run.processes.rank)  # as the original: sampled answers depend on the rank
+    seed_everything(args.seed)  # the same on every process; sampled decoding seeds each batch (answer_records)
     pipeline = LynxPipeline.from_config(cfg, device)
     plan = run.plan(records, cfg.vision_prompt_dict, cfg.batch_size_test)
     if run.resumed:

@@ -106,7 +106,7 @@ class LynxConfig:
     temperature: float = 1.0  # the original always passes 1.0
     repetition_penalty: float = 1.0  # the original always passes 1.0
     dtype: str | None = None  # float32 | bfloat16 | float16; None: bfloat16 on CUDA, float32 on CPU
-    decoder: str = "auto"  # auto | hf | fast; auto: fast on CUDA, hf (transformers' generate) on CPU
+    decoder: str = "auto"  # auto | hf | fast; auto: fast (Lynx's decoder, 4.28.1's rules); hf: transformers' generate
     vit_checkpoint: str = "./data/eva_vit_g.pth"
     llm_path: str | None = None  # None: ./data/<LLM>
     vit: VitConfig | None = None  # overrides the `vision_encoder` preset's dimensions
@@ -124,9 +124,8 @@ class LynxConfig:
         return self.vit if self.vit is not None else VitConfig(**VIT_PRESETS[self.vision_encoder])
 
     def resolve_decoder(self, device: str) -> str:
-        if self.decoder != "auto":
-            return self.decoder
-        return "fast" if str(device).startswith("cuda") else "hf"
+        """`auto` is Lynx's own decoder on every device: it follows the original's decoding rules."""
+        return "fast" if self.decoder == "auto" else self.decoder
 
     def resolve_dtype(self, device: str) -> str:
         if self.dtype is not None:

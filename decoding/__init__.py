@@ -1,9 +1,11 @@
 """Decoders: from Lynx's fused prompt (visual prefix + text embeddings) to answer ids.
 
 Two implementations behind one call, chosen once from the config's `decoder` key (`make_decoder`):
-- decoding/hf.py: transformers' `generate`;
-- decoding/fast.py: Lynx's own decoder (prefill once, fixed KV cache, CUDA graphs), split by concern into
-  search.py (the search rules), workspace.py (the buffers), llama.py (the LLM's forward), graphs.py (CUDA graphs).
+- decoding/fast.py: Lynx's own decoder, the default: transformers 4.28.1's rules (the original's), prefill once,
+  fixed KV cache, CUDA graphs; split by concern into search.py (the search rules), processors.py (logits processors
+  and warpers), draws.py (the random draws), workspace.py (the buffers), llama.py (the LLM's forward), graphs.py
+  (CUDA graphs);
+- decoding/hf.py: the installed transformers' `generate` (transformers 5's rules).
 Decoding settings are a value per call (configs/decoding.py); a decoder resolves each distinct value once.
 """
 from __future__ import annotations
@@ -28,10 +30,10 @@ class Decoder(Protocol):
 
 
 def make_decoder(cfg, llm, tokenizer, device: str, compile: bool | None = None) -> Decoder:
-    """The decoder a Lynx run uses: `decoder: hf` or `fast`, or `auto` = fast on CUDA, hf elsewhere
-    (`cfg.resolve_decoder`). On CUDA the fast decoder pads prompts to num_bridge_tokens + max_input_tokens and
-    batches to batch_size_test, so one CUDA graph serves every batch, and compiles its layers (`compile`: override).
-    tokenizer: anything with pad_id, bos_id and eos_id."""
+    """The decoder a Lynx run uses: `decoder: hf` or `fast`, or `auto` = fast (`cfg.resolve_decoder`). On CUDA the
+    fast decoder pads prompts to num_bridge_tokens + max_input_tokens and batches to batch_size_test, so one CUDA
+    graph serves every batch, and compiles its layers (`compile`: override). On the CPU it keeps each batch's own
+    shape, so seeded draws are the original's. tokenizer: anything with pad_id, bos_id and eos_id."""
     if cfg.resolve_decoder(device) != "fast":
         return HFDecoder(llm, tokenizer)
     if not str(device).startswith("cuda"):

@@ -1,9 +1,9 @@
 """Lynx's own decoder: each prompt is prefilled once, the KV cache has a fixed size, and a decoding step (token choice
 + one forward) runs without a host sync, so on CUDA it is replayed as a CUDA graph.
 
-The search is transformers' `generate` (5.24) for the options Lynx uses (decoding/search.py). In float32 greedy and
-beam search give `generate`'s tokens (tests/test_decoding.py); sampling draws other random numbers than `generate`.
-Settings it does not reproduce (search.unsupported) are decoded by the fallback decoder, transformers' `generate`.
+The search follows transformers 4.28.1, the original's `generate`, for every decoding option of a Lynx config
+(decoding/search.py). On the CPU in float32 it gives the original's ids, sampled ones included when seeded as the
+original was (tests/test_decoding_rules.py, tests/test_decoding_fixture.py).
 """
 from __future__ import annotations
 
@@ -13,10 +13,10 @@ import math
 import torch
 
 from configs.decoding import DecodingSettings
+from decoding.draws import drawing_from
 from decoding.graphs import capture_step_graphs
-from decoding.hf import HFDecoder
 from decoding.llama import LlamaRunner
-from decoding.search import Search, resolve, selector, unsupported
+from decoding.search import Search, finalize, resolve, selector
 from decoding.workspace import Workspace
 from models.lynx import positions_from_mask
 
@@ -31,15 +31,13 @@ class FastDecoder:
     many slots, inserting pads after the first prefix_len slots (Lynx: between the visual prefix and the text, where
     they change no position and no attended token), and batch_size pads every batch to that many rows, so one graph
     serves a whole test set. check_every: steps between checks of whether every row is done (one host sync each).
-    fallback: the decoder for settings this one does not reproduce (default: transformers' generate).
     """
 
     def __init__(self, llm, tokenizer, cuda_graphs: bool | None = None, compile: bool = False,
                  prompt_len: int | None = None, batch_size: int | None = None, prefix_len: int = 0,
-                 check_every: int = 8, fallback=None):
+                 check_every: int = 8):
         self.llm = llm
-        self.pad_id, self.eos_id = tokenizer.pad_id, tokenizer.eos_id
-        self.fallback = fallback if fallback is not None else HFDecoder(llm, tokenizer)
+        self.pad_id, self.eos_id, self.bos_id = tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id
         self.device = llm.lm_head.weight.device
         self.dtype = llm.lm_head.weight.dtype
         on_cuda = self.device.type == "cuda"
@@ -49,27 +47,22 @@ class FastDecoder:
         self.batch_size = batch_size
         self.prefix_len = prefix_len
         self.check_every = max(1, check_every)
-        self.searches: dict[DecodingSettings, Search | None] = {}  # None: decoded by the fallback
+        self.searches: dict[DecodingSettings, Search] = {}
         self.workspace: Workspace | None = None
 
-    def search_for(self, settings: DecodingSettings) -> Search | None:
-        """The search of these settings, resolved once; None (and one warning) for what only the fallback does."""
+    def search_for(self, settings: DecodingSettings) -> Search:
+        """The search of these settings, resolved once."""
         if settings not in self.searches:
-            reason = unsupported(settings)
-            if reason:
-                log.warning("%s; decoding these settings with transformers' generate", reason)
-            self.searches[settings] = None if reason else resolve(settings, self.pad_id, self.eos_id)
+            self.searches[settings] = resolve(settings, self.pad_id, self.eos_id, self.bos_id)
         return self.searches[settings]
 
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, settings: DecodingSettings,
                  generator: torch.Generator | None = None, rows: int | None = None) -> torch.Tensor:
         """Generated ids (B, T) without the prompt, as `LLM.generate(inputs_embeds=..., attention_mask=...)` returns
-        them: after EOS, pad (greedy, sampling) or the beam filler; T = the longest answer. `rows`: pad the batch to
-        that many rows instead of batch_size (a caller retrying with fewer rows after running out of memory)."""
-        search = self.search_for(settings)
-        if search is None:
-            return self.fallback.generate(inputs_embeds, attention_mask, settings, generator, rows)
-        return self.decode(inputs_embeds, attention_mask, search, generator, rows)
+        them: after EOS, pad (greedy, sampling) or EOS then pad (beams); T = the longest answer. `generator`: the
+        sampling draws (None: the device's default generator). `rows`: pad the batch to that many rows instead of
+        batch_size (a caller retrying with fewer rows after running out of memory)."""
+        return self.decode(inputs_embeds, attention_mask, self.search_for(settings), generator, rows)
 
     @torch.inference_mode()
     def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, s: Search,
@@ -80,25 +73,34 @@ class FastDecoder:
                                  rows if rows is not None else self.batch_size)
         ws = self._workspace(embeds.shape[0], embeds.shape[1], s.num_beams, s.max_new_tokens)
         self._prefill(ws, embeds, mask)
-        use_graphs = self.cuda_graphs and generator is None
-        if use_graphs and s not in ws.graphs:
+        if self.cuda_graphs and s not in ws.graphs:
             self._capture(ws, s)
         ws.reset(s)
+        graphs = ws.graphs.get(s) if self.cuda_graphs else None
+        if graphs is None:
+            self._search(ws, s, generator)
+        else:  # the graphs recorded draws from the default generator: it draws the generator's stream meanwhile
+            with drawing_from(generator, self.device):
+                self._search(ws, s, None, graphs)
+        if s.num_beams > 1:
+            finalize(ws, s)
+        return ws.answers(s, real_rows)
+
+    def _search(self, ws: Workspace, s: Search, generator, graphs: dict | None = None) -> None:
+        """Token after token until every row is done or max_new_tokens are chosen: eager steps, or replayed graphs.
+        Whether every row is done is read every check_every steps (a host sync); steps after that change nothing."""
         select = selector(s)
-        graphs = ws.graphs.get(s) if use_graphs else None
         for step in range(s.max_new_tokens - 1):
             if graphs is not None:
                 graphs[ws.keys_at(step)].replay()
             else:
                 self._step(ws, s, ws.keys_at(step), generator)
             if (step + 1) % self.check_every == 0 and bool(ws.done):
-                break
+                return
+        if graphs is not None:
+            graphs["last"].replay()
         else:
-            if graphs is not None:
-                graphs["last"].replay()
-            else:
-                select(ws, s, generator)
-        return ws.answers(s, real_rows)
+            select(ws, s, generator)
 
     # -- internals
 

@@ -1,4 +1,6 @@
-"""transformers' `generate` as a Lynx decoder: the original's decoding keys mapped onto a GenerationConfig."""
+"""transformers' `generate` as a Lynx decoder (`decoder: hf`): the original's decoding keys mapped onto a
+GenerationConfig of the installed transformers (5), whose rules differ from the original's 4.28.1 (README
+"Fidelity" lists how; Lynx's own decoder, decoding/fast.py, follows 4.28.1)."""
 from __future__ import annotations
 
 import warnings
@@ -7,6 +9,7 @@ import torch
 from transformers import GenerationConfig
 
 from configs.decoding import DecodingSettings
+from decoding.draws import drawing_from
 
 
 def generation_config(settings: DecodingSettings, pad_id: int, bos_id: int, eos_id: int) -> GenerationConfig:
@@ -42,8 +45,9 @@ def generation_config(settings: DecodingSettings, pad_id: int, bos_id: int, eos_
 class HFDecoder:
     """Decodes with the LLM's own `generate` (transformers 5's rules); one GenerationConfig per distinct settings.
 
-    Sampling draws from torch's global generator, seeded by the run (`--seed`); a `generator` given to a call seeds
-    a private copy of it instead, so that call is reproducible without touching the run's random state.
+    `generate` draws from the default generator of the LLM's device. A `generator` given to a call (on that device)
+    lends it its stream for the call: the call draws what `torch.manual_seed(seed); generate(...)` draws for a
+    generator seeded with `seed`, the generator moves on, and the default generator is left as it was.
     """
 
     def __init__(self, llm, tokenizer):
@@ -62,11 +66,7 @@ class HFDecoder:
         """Generated ids (B, T) without the prompt; pad (greedy, sampling) or the beam filler after EOS. `rows` is
         the fast decoder's fixed batch shape: nothing to pad here."""
         gen = self.generation_config(settings)
-        if generator is None:
-            return self._generate(inputs_embeds, attention_mask, gen)
-        seed = int(torch.randint(0, 2**62, (), generator=generator, device=generator.device))
-        with torch.random.fork_rng(devices=range(torch.cuda.device_count())):
-            torch.manual_seed(seed)
+        with drawing_from(generator, self.llm.lm_head.weight.device):
             return self._generate(inputs_embeds, attention_mask, gen)
 
     def _generate(self, embeds: torch.Tensor, mask: torch.Tensor, gen: GenerationConfig) -> torch.Tensor:

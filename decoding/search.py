@@ -1,12 +1,24 @@
-"""The search rules of Lynx's own decoder: the options of one call, transformers' logits processors, and the token
-choice of greedy search, sampling, beam search and beam sampling, as transformers' `generate` (5.24) makes them.
+"""The search rules of Lynx's own decoder: transformers 4.28.1's (the original's) greedy search, sampling, beam search
+and beam sampling, with its BeamSearchScorer, written as tensor code on the fixed buffers of a `Workspace`.
 
-Everything here is plain tensor code on the fixed buffers of a `Workspace` with the step as a tensor: no host sync,
-so a decoding step can be replayed as a CUDA graph.
+The rules (tests/reference_428.py writes them out plainly; tests/test_decoding_rules.py checks one against the other):
+- lengths count the one-token BOS placeholder 4.28 put in front of the answer: `min_length`, the n-gram ban and the
+  repetition penalty see it (decoding/processors.py);
+- greedy search and sampling process the raw logits; beam modes process log-softmax, add the beam score, and beam
+  sampling then warps that sum (so a temperature divides the running score too);
+- beam search starts beams 1.. at -1e9, beam sampling starts every beam at 0;
+- sampling draws `torch.multinomial` over (rows, vocab) for one token, beam sampling over (prompts, beams x vocab) for
+  2 x beams candidates, sorted by score (decoding/draws.py);
+- the scorer: an EOS among the first `num_beams` candidates becomes a hypothesis scored sum / L ** length_penalty
+  (L = placeholder + tokens before EOS); the first `num_beams` other candidates run on; a prompt is done once it
+  holds `num_beams` hypotheses and the worst of them is at least the step's best candidate score / (L + 1) **
+  length_penalty; at the length limit (`finalize`) every running beam of a prompt not done becomes a hypothesis with
+  L = 1 + max_new_tokens. Hypothesis scores are float64, as 4.28's Python floats.
+
+Nothing here syncs with the host, so a decoding step can be replayed as a CUDA graph.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -14,207 +26,168 @@ import torch
 import torch.nn.functional as F
 
 from configs.decoding import DecodingSettings
+from decoding.draws import draw
+from decoding.processors import process, warp
 
 if TYPE_CHECKING:
     from decoding.workspace import Workspace
 
-NEG = -1.0e9  # transformers' score for a beam that must not be chosen
+NEG = -1.0e9  # 4.28's starting score of beams 1.. in beam search
 
 
 @dataclass(frozen=True)
 class Search:
-    """The options of one decoding call as the search uses them: a DecodingSettings with the tokenizer's ids, and
-    the options a Lynx config does not set at transformers' defaults. Keys that change nothing for these settings
-    (sampling keys without sampling, length_penalty with one beam) take neutral values, so settings that decode
-    alike are one Search (one set of CUDA graphs)."""
+    """The options of one decoding call as the search uses them: a DecodingSettings with the tokenizer's ids. Keys
+    that change nothing for these settings (sampling keys without sampling, length_penalty with one beam, min_length
+    1) take neutral values, so settings that decode alike are one Search (one set of CUDA graphs)."""
 
     max_new_tokens: int
-    min_new_tokens: int
+    min_length: int  # counts the placeholder: EOS is banned while 1 + generated < min_length
     num_beams: int
     do_sample: bool
     temperature: float
     top_k: int
     top_p: float
     no_repeat_ngram_size: int
+    repetition_penalty: float
     length_penalty: float
     eos_id: int
-    pad_id: int  # written after EOS by greedy search and sampling
-    fill_id: int  # beam search's filler after EOS (transformers: `pad_token_id or eos_token_id`)
-    early_stopping: bool | str = False  # transformers' default; a Lynx config does not set it
+    pad_id: int  # after EOS (4.28: the pad id, or EOS without one)
+    bos_id: int  # the placeholder
+    early_stopping: bool = False  # 4.28's default; a Lynx config does not set it
 
 
-def unsupported(settings: DecodingSettings) -> str | None:
-    """Why the fast decoder cannot reproduce these settings, or None when it can."""
-    if settings.repetition_penalty != 1.0:
-        return f"the fast decoder does not support repetition_penalty {settings.repetition_penalty}"
-    return None
-
-
-def resolve(settings: DecodingSettings, pad_id: int, eos_id: int) -> Search:
-    """The search for these settings, as decoding.hf hands them to `generate`. `min_length` counts the original's
-    one-token placeholder (configs/decoding.py), so min_new_tokens = min_length - 1."""
+def resolve(settings: DecodingSettings, pad_id: int | None, eos_id: int, bos_id: int) -> Search:
+    """The search for these settings, as the original passed them to 4.28's `generate`."""
     sampling = settings.use_nucleus_sampling
     beams = settings.num_beams
     return Search(
         max_new_tokens=settings.max_new_tokens,
-        min_new_tokens=max(settings.min_length - 1, 0),
+        min_length=settings.min_length if settings.min_length > 1 else 0,
         num_beams=beams,
         do_sample=sampling,
         temperature=float(settings.temperature) if sampling else 1.0,
         top_k=settings.top_k if sampling else 0,
         top_p=float(settings.top_p) if sampling else 1.0,
         no_repeat_ngram_size=settings.no_repeat_ngram_size,
+        repetition_penalty=float(settings.repetition_penalty),
         length_penalty=float(settings.length_penalty) if beams > 1 else 1.0,
         eos_id=eos_id,
-        pad_id=pad_id,
-        fill_id=pad_id or eos_id,
+        pad_id=pad_id if pad_id is not None else eos_id,
+        bos_id=bos_id,
     )
 
 
-# ---- logits processors: transformers' rules on fixed-width token buffers with the step as a tensor
+# ---- greedy search and sampling (num_beams 1)
 
 
-def ban_repeated_ngrams(scores: torch.Tensor, tokens: torch.Tensor, step: torch.Tensor, n: int) -> torch.Tensor:
-    """NoRepeatNGramLogitsProcessor on tokens[:, :step]: a token that would repeat an n-gram seen so far is banned."""
-    rows, width = tokens.shape
-    vocab = scores.shape[-1]
-    if n <= 0 or width < n:
-        return scores
-    windows = tokens.unfold(1, n, 1)  # (rows, width - n + 1, n)
-    starts = torch.arange(windows.shape[1], device=tokens.device)
-    complete = starts + n <= step  # the window lies inside the generated tokens
-    prefix_at = (step - n + 1 + torch.arange(n - 1, device=tokens.device)).clamp(min=0)
-    prefix = tokens.index_select(1, prefix_at)  # the last n - 1 tokens
-    matches = (windows[..., :-1] == prefix[:, None, :]).all(-1) & complete
-    banned = scores.new_zeros((rows, vocab + 1), dtype=torch.bool)
-    banned.scatter_(1, torch.where(matches, windows[..., -1].clamp(max=vocab), vocab), True)
-    return scores.masked_fill(banned[:, :vocab], -math.inf)
-
-
-def ban_early_eos(scores: torch.Tensor, step: torch.Tensor, min_new_tokens: int, eos_id: int) -> torch.Tensor:
-    """MinNewTokensLengthLogitsProcessor: EOS is impossible before `min_new_tokens` new tokens."""
-    if min_new_tokens <= 0:
-        return scores
-    is_eos = torch.arange(scores.shape[-1], device=scores.device) == eos_id
-    return scores.masked_fill(is_eos & (step < min_new_tokens), -math.inf)
-
-
-def keep_top_k(scores: torch.Tensor, k: int, min_keep: int = 1) -> torch.Tensor:
-    """TopKLogitsWarper."""
-    k = min(max(k, min_keep), scores.shape[-1])
-    kth = torch.topk(scores, k).values[..., -1:]
-    return scores.masked_fill(scores < kth, -math.inf)
-
-
-def keep_top_p(scores: torch.Tensor, p: float, min_keep: int = 1) -> torch.Tensor:
-    """TopPLogitsWarper: the smallest set of most likely tokens whose probabilities add up to at least p."""
-    sorted_scores, order = torch.sort(scores, descending=False)
-    cumulative = sorted_scores.softmax(dim=-1).cumsum(dim=-1)
-    remove = cumulative <= (1 - p)
-    remove[..., -min_keep:] = False
-    remove = remove.scatter(1, order, remove)
-    return scores.masked_fill(remove, -math.inf)
-
-
-def process_scores(s: Search, scores: torch.Tensor, tokens: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
-    """transformers' processor list for these settings, in its order."""
-    scores = ban_repeated_ngrams(scores, tokens, step, s.no_repeat_ngram_size)
-    scores = ban_early_eos(scores, step, s.min_new_tokens, s.eos_id)
-    if s.do_sample:
-        min_keep = 2 if s.num_beams > 1 else 1  # beams keep one non-EOS continuation
-        if s.temperature != 1.0:
-            scores = scores / s.temperature
-        if s.top_k:
-            scores = keep_top_k(scores, s.top_k, min_keep)
-        if s.top_p < 1.0:
-            scores = keep_top_p(scores, s.top_p, min_keep)
-    return scores
-
-
-def gumbel_noise(like: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
-    """-log(Exp(1)): argmax(scores + noise) samples softmax(scores); top-k of it samples k without replacement."""
-    e = torch.empty_like(like).exponential_(generator=generator)
-    return -e.clamp_(min=torch.finfo(e.dtype).tiny).log()
-
-
-# ---- token choice: one step of the search, in place on the workspace
-
-
-def select_greedy(ws: Workspace, s: Search, generator=None) -> None:
-    """transformers' `_sample` step: the next token of every row (argmax, or a sample), pad after EOS."""
+def select_rows(ws: Workspace, s: Search, generator=None) -> None:
+    """4.28's `greedy_search` / `sample` step: the next token of every row (argmax, or one draw per row over the
+    warped distribution, finished rows included), pad after EOS."""
     i = ws.step
     seqs = ws.seqs[:, 0]
-    scores = process_scores(s, ws.logits[:, 0], seqs, i)
+    scores = process(s, ws.logits[:, 0], seqs, i)
     if s.do_sample:
-        scores = scores + gumbel_noise(scores, generator)
-    tokens = torch.where(ws.unfinished, scores.argmax(-1), s.pad_id)
-    at = i.view(1, 1).expand(ws.batch, 1)
-    seqs.scatter_(1, at, tokens[:, None])
+        tokens = draw(warp(s, scores, min_keep=1).softmax(dim=-1), 1, generator)[:, 0]
+    else:
+        tokens = scores.argmax(dim=-1)
+    tokens = torch.where(ws.unfinished, tokens, s.pad_id)
+    seqs.scatter_(1, i.view(1, 1).expand(ws.batch, 1), tokens[:, None])
     ws.gen_len.add_(ws.unfinished.long())
-    ws.unfinished.logical_and_(~((tokens == s.eos_id) | (i + 1 >= s.max_new_tokens)))
+    ws.unfinished.logical_and_((tokens != s.eos_id) & (i + 1 < s.max_new_tokens))
     ws.done.copy_(~ws.unfinished.any())
 
 
-def select_beams(ws: Workspace, s: Search, generator=None) -> None:
-    """transformers' `_beam_search` step (top-k continuations, running beams, finished hypotheses, early stop),
-    or its beam sampling variant: 2 * num_beams continuations drawn without replacement instead of the top ones."""
+# ---- beam search and beam sampling
+
+
+def candidates(ws: Workspace, s: Search, generator=None):
+    """The step's 2 x num_beams candidates of every prompt, best first: (scores, source beams, token ids)."""
     b, k, t = ws.seqs.shape
-    i = ws.step
     vocab = ws.logits.shape[-1]
-    keep = 2 * k  # one EOS id: at least num_beams continuations are not finished
     log_probs = F.log_softmax(ws.logits, dim=-1).view(b * k, vocab)
-    log_probs = process_scores(s, log_probs, ws.seqs.view(b * k, t), i)
-    scores = (log_probs.view(b, k, vocab) + ws.scores[..., None]).view(b, k * vocab)
+    scores = process(s, log_probs, ws.seqs.view(b * k, t), ws.step) + ws.scores.view(b * k, 1)
     if s.do_sample:
-        picked = (scores + gumbel_noise(scores, generator)).topk(keep).indices
-        top = scores.gather(1, picked)
-        top, order = top.sort(dim=-1, descending=True)
+        flat = warp(s, scores, min_keep=2).view(b, k * vocab)
+        picked = draw(flat.softmax(dim=-1), 2 * k, generator)
+        top, order = torch.sort(flat.gather(1, picked), descending=True, dim=1)
         picked = picked.gather(1, order)
     else:
-        top, picked = scores.topk(keep)
-    source = picked // vocab
-    ids = picked % vocab
-    candidates = ws.seqs.gather(1, source[..., None].expand(b, keep, t))
-    candidates.scatter_(2, i.view(1, 1, 1).expand(b, keep, 1), ids[..., None])
-    hit = (ids == s.eos_id) | (i + 1 >= s.max_new_tokens)
+        top, picked = torch.topk(scores.view(b, k * vocab), 2 * k, dim=1, largest=True, sorted=True)
+    return top, picked // vocab, picked % vocab
 
-    # running beams: the best continuations that did not finish
-    running = top + hit.to(torch.float32) * NEG
-    best = running.topk(k).indices
-    ws.seqs.copy_(candidates.gather(1, best[..., None].expand(b, k, t)))
-    ws.scores.copy_(running.gather(1, best))
-    ws.parent.copy_(source.gather(1, best))
 
-    # finished hypotheses: the best num_beams of the old ones and the ones that just finished among the top k
-    penalty = ws.penalty(s.length_penalty)
-    just_done = hit & (torch.arange(keep, device=hit.device) < k)
-    final = top / penalty.index_select(0, (i + 1).view(1))
-    if s.early_stopping is True:
-        final = final + (ws.fin_done.all(-1, keepdim=True)).to(torch.float32) * NEG
-    final = final + (~ws.unsatisfied).to(torch.float32) * NEG
-    final = final + (~just_done) * NEG
-    merged_scores = torch.cat((ws.fin_scores, final), dim=1)
-    chosen = merged_scores.topk(k).indices
-    length = (i + 1).view(1, 1).expand(b, keep)
-    ws.fin_seqs.copy_(torch.cat((ws.fin_seqs, candidates), 1).gather(1, chosen[..., None].expand(b, k, t)))
-    ws.fin_scores.copy_(merged_scores.gather(1, chosen))
-    ws.fin_done.copy_(torch.cat((ws.fin_done, just_done), 1).gather(1, chosen))
-    ws.fin_len.copy_(torch.cat((ws.fin_len, length), 1).gather(1, chosen))
+def add_hypotheses(ws: Workspace, s: Search, take: torch.Tensor, tokens: torch.Tensor, n_tokens,
+                   sums: torch.Tensor, length, order) -> None:
+    """4.28's BeamHypotheses.add for every prompt where `take` (b,): `tokens` (b, max_new), the first `n_tokens`
+    real, summed log-probs `sums` (b,), scored sums / length ** length_penalty in float64. A prompt keeps num_beams
+    hypotheses; when full, a new one must beat the worst, which it replaces (the earliest added among equal worst).
+    `order` numbers the additions, for ties."""
+    used = ws.hyp_used
+    score = sums.double() / ws.penalty(s.length_penalty).index_select(0, torch.as_tensor(length).view(1))
+    full = used.all(dim=-1)
+    worst = torch.where(used, ws.hyp_scores, torch.inf).min(dim=-1).values
+    accept = take & (~full | (score > worst))
+    first_free = (~used).long().argmax(dim=-1)
+    at_worst = used & (ws.hyp_scores == worst[:, None])
+    victim = torch.where(at_worst, ws.hyp_order, torch.iinfo(torch.long).max).argmin(dim=-1)
+    slot = torch.where(full, victim, first_free)
+    put = (torch.arange(ws.beams, device=used.device) == slot[:, None]) & accept[:, None]  # (b, k)
+    ws.hyp_seqs.copy_(torch.where(put[..., None], tokens[:, None, :], ws.hyp_seqs))
+    ws.hyp_scores.copy_(torch.where(put, score[:, None], ws.hyp_scores))
+    ws.hyp_len.copy_(torch.where(put, n_tokens, ws.hyp_len))
+    ws.hyp_order.copy_(torch.where(put, order, ws.hyp_order))
+    ws.hyp_used.logical_or_(put)
 
-    # can a running beam still beat the worst finished one? (transformers' heuristic, per row, sticky)
-    if s.early_stopping == "never" and s.length_penalty > 0.0:
-        hypothetical = penalty[s.max_new_tokens:]
+
+def select_beams(ws: Workspace, s: Search, generator=None) -> None:
+    """4.28's `beam_search` / `beam_sample` step with BeamSearchScorer.process: candidates, hypotheses, the running
+    beams of the next step, and whether each prompt is done."""
+    b, k, t = ws.seqs.shape
+    i = ws.step
+    top, source, ids = candidates(ws, s, generator)
+    active = ~ws.prompt_done
+    is_eos = ids == s.eos_id
+
+    # an EOS among the first num_beams candidates: a hypothesis of the tokens before it, one after another
+    for rank in range(k):
+        before = ws.seqs.gather(1, source[:, rank].view(b, 1, 1).expand(b, 1, t))[:, 0]
+        add_hypotheses(ws, s, active & is_eos[:, rank], before, i, top[:, rank], i + 1, i * k + rank)
+
+    # the first num_beams candidates that are not EOS run on; a prompt done before: pad on beam 0, score 0 (4.28)
+    rank = torch.arange(2 * k, device=ids.device)
+    first = torch.where(is_eos, rank + 2 * k, rank).topk(k, largest=False, sorted=True).indices
+    parent = torch.where(active[:, None], source.gather(1, first), 0)
+    tokens = torch.where(active[:, None], ids.gather(1, first), s.pad_id)
+    scores = torch.where(active[:, None], top.gather(1, first), 0.0)
+    seqs = ws.seqs.gather(1, parent[..., None].expand(b, k, t))
+    seqs.scatter_(2, i.view(1, 1, 1).expand(b, k, 1), tokens[..., None])
+    ws.seqs.copy_(seqs)
+    ws.scores.copy_(scores)
+    ws.parent.copy_(parent)
+
+    # done: num_beams hypotheses, none of which the best candidate could still beat (4.28's heuristic)
+    full = ws.hyp_used.all(dim=-1)
+    if s.early_stopping:
+        finished = full
     else:
-        hypothetical = penalty.index_select(0, (i + 1).view(1))
-    best_possible = ws.scores[:, :1] / hypothetical
-    worst = torch.where(ws.fin_done, ws.fin_scores.min(dim=1, keepdim=True).values, NEG)
-    ws.unsatisfied.logical_and_((best_possible > worst).any(dim=-1, keepdim=True))
-    done = ~ws.unsatisfied.any()
-    if s.early_stopping is True:
-        done = done | ws.fin_done.all()
-    ws.done.copy_(done)
+        best_possible = top.max(dim=1).values.double() / ws.penalty(s.length_penalty).index_select(0, (i + 2).view(1))
+        worst = torch.where(ws.hyp_used, ws.hyp_scores, torch.inf).min(dim=-1).values
+        finished = full & (worst >= best_possible)
+    ws.prompt_done.logical_or_(active & finished)
+    ws.done.copy_(ws.prompt_done.all())
+
+
+def finalize(ws: Workspace, s: Search) -> None:
+    """4.28's BeamSearchScorer.finalize: every running beam of a prompt not done (the search reached the length
+    limit) becomes a hypothesis of max_new_tokens tokens, scored with L = 1 + max_new_tokens. After an early stop
+    every prompt is done and nothing is added."""
+    k, t = ws.beams, s.max_new_tokens
+    open_prompts = ~ws.prompt_done
+    for beam in range(k):
+        add_hypotheses(ws, s, open_prompts, ws.seqs[:, beam], t, ws.scores[:, beam], t + 1, t * k + beam)
 
 
 def selector(s: Search):
     """The token choice for these settings."""
-    return select_beams if s.num_beams > 1 else select_greedy
+    return select_beams if s.num_beams > 1 else select_rows

@@ -57,12 +57,14 @@ class Workspace:
         self.parent = torch.zeros(batch, beams, dtype=torch.long, **z)
         self.unfinished = torch.ones(batch, dtype=torch.bool, **z)  # greedy / sampling
         self.gen_len = torch.zeros(batch, dtype=torch.long, **z)
-        self.scores = torch.zeros(batch, beams, **z)  # beams: running scores
-        self.fin_seqs = torch.zeros(batch, beams, max_new, dtype=torch.long, **z)
-        self.fin_scores = torch.zeros(batch, beams, **z)
-        self.fin_done = torch.zeros(batch, beams, dtype=torch.bool, **z)
-        self.fin_len = torch.zeros(batch, beams, dtype=torch.long, **z)
-        self.unsatisfied = torch.ones(batch, 1, dtype=torch.bool, **z)  # the early-stop heuristic
+        self.scores = torch.zeros(batch, beams, **z)  # beams: running scores (float32, as 4.28's)
+        # beams: each prompt's finished hypotheses (4.28's BeamHypotheses), float64 scores as its Python floats
+        self.hyp_seqs = torch.zeros(batch, beams, max_new, dtype=torch.long, **z)
+        self.hyp_len = torch.zeros(batch, beams, dtype=torch.long, **z)  # generated tokens before EOS
+        self.hyp_scores = torch.zeros(batch, beams, dtype=torch.float64, **z)
+        self.hyp_order = torch.zeros(batch, beams, dtype=torch.long, **z)  # when it was added: ties go by it
+        self.hyp_used = torch.zeros(batch, beams, dtype=torch.bool, **z)
+        self.prompt_done = torch.zeros(batch, dtype=torch.bool, **z)
         self.penalties: dict[float, torch.Tensor] = {}
         self.graphs: dict[Search, dict] = {}  # per search: {slots attended: step graph, "last": graph}
         self.pool = None
@@ -74,10 +76,11 @@ class Workspace:
         return min(self.slots, round16(self.prompt_len + block_end * self.beams))
 
     def penalty(self, length_penalty: float) -> torch.Tensor:
-        """n ** length_penalty for n = 0..max_new, as the Python floats transformers divides by."""
+        """L ** length_penalty for L = 0..max_new + 1 (lengths count the placeholder), float64: the Python floats
+        4.28 divides by."""
         if length_penalty not in self.penalties:
-            table = [1.0] + [float(n ** length_penalty) for n in range(1, self.max_new + 1)]
-            self.penalties[length_penalty] = torch.tensor(table, device=self.step.device)
+            table = [1.0] + [float(n ** length_penalty) for n in range(1, self.max_new + 2)]
+            self.penalties[length_penalty] = torch.tensor(table, dtype=torch.float64, device=self.step.device)
         return self.penalties[length_penalty]
 
     def reset(self, s: Search) -> None:
@@ -85,23 +88,35 @@ class Workspace:
         self.step.zero_()
         self.done.zero_()
         self.logits.copy_(self.first_logits[:, None, :].expand_as(self.logits))
-        self.seqs.fill_(s.fill_id if s.num_beams > 1 else s.pad_id)
+        self.seqs.fill_(s.pad_id)
         self.history.zero_()
         self.parent.zero_()
         self.unfinished.fill_(True)
         self.gen_len.zero_()
         self.scores.zero_()
-        self.scores[:, 1:] = NEG
-        self.fin_seqs.fill_(s.fill_id)
-        self.fin_scores.fill_(NEG)
-        self.fin_done.zero_()
-        self.fin_len.zero_()
-        self.unsatisfied.fill_(True)
+        if not s.do_sample:  # beam search starts from beam 0; beam sampling from all beams alike (4.28)
+            self.scores[:, 1:] = NEG
+        self.hyp_seqs.fill_(s.pad_id)
+        self.hyp_len.zero_()
+        self.hyp_scores.zero_()
+        self.hyp_order.zero_()
+        self.hyp_used.zero_()
+        self.prompt_done.zero_()
 
     def answers(self, s: Search, rows: int) -> torch.Tensor:
-        """The first `rows` rows' generated ids (rows, longest answer): the best hypothesis of each row."""
-        if s.num_beams > 1:
-            width = int(self.fin_len[:rows, 0].max())
-            return self.fin_seqs[:rows, 0, :width].clone()
-        width = int(self.gen_len[:rows].max())
-        return self.seqs[:rows, 0, :width].clone()
+        """The first `rows` rows' generated ids (rows, T) as 4.28 returns them without the placeholder. Greedy and
+        sampling: each row's tokens, pad after EOS, T = the longest. Beams (after `search.finalize`): each prompt's
+        best hypothesis (the highest score; among equal ones the last added), then EOS where it fits, then pad;
+        T = the longest hypothesis + 1, at most max_new_tokens."""
+        if s.num_beams == 1:
+            width = int(self.gen_len[:rows].max())
+            return self.seqs[:rows, 0, :width].clone()
+        used, scores = self.hyp_used[:rows], self.hyp_scores[:rows]
+        best = torch.where(used, scores, -torch.inf).max(dim=-1, keepdim=True).values
+        pick = torch.where(used & (scores == best), self.hyp_order[:rows], -1).argmax(dim=-1, keepdim=True)
+        tokens = self.hyp_seqs[:rows].gather(1, pick[..., None].expand(-1, 1, self.max_new))[:, 0]
+        n = self.hyp_len[:rows].gather(1, pick)  # (rows, 1)
+        width = min(int(n.max()) + 1, self.max_new)
+        at = torch.arange(width, device=n.device)
+        out = torch.where(at < n, tokens[:, :width], s.pad_id)
+        return torch.where(at == n, s.eos_id, out)

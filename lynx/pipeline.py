@@ -39,7 +39,9 @@ def check_device(device: str) -> None:
 
 
 def seed_everything(seed: int) -> None:
-    """The original seeds torch, numpy and random with --seed + rank."""
+    """torch's, numpy's and Python's global generators. No answer draws from them (sampled decoding draws from a
+    generator seeded per batch, random frames from one keyed on the record); seeded all the same, so that nothing a
+    library might draw varies from run to run."""
     torch.manual_seed(seed)
     np.random.seed(seed % 2**32)
     random.seed(seed)
@@ -65,27 +67,37 @@ class LynxPipeline:
         model, tokenizer = build_lynx(cfg, device)
         return cls(cfg, model, tokenizer, device)
 
+    def generator(self, seed: int) -> torch.Generator:
+        """A generator for sampled decoding, on the LLM's device, seeded: `torch.manual_seed(seed)` would give the
+        device's default generator the same stream."""
+        return torch.Generator(device=self.model.LLM.get_input_embeddings().weight.device).manual_seed(seed)
+
     @torch.inference_mode()
     def answer_batch(self, batch: Batch, visual: torch.Tensor | None = None, settings: DecodingSettings | None = None,
                      generator: torch.Generator | None = None, rows: int | None = None) -> list[str]:
         """Answers for the usable rows of a collated batch, in row order. `visual`: its visual prefix, if computed
-        already; `settings`: decoding for this call (default: the config's); `generator`: the sampling draws;
-        `rows`: the batch shape to decode at (see decoding.Decoder)."""
+        already; `settings`: decoding for this call (default: the config's); `generator`: the sampling draws, on the
+        LLM's device (None: its default generator); `rows`: the batch shape to decode at (see decoding.Decoder)."""
         settings = self.settings if settings is None else settings.checked()
         if visual is None:
             visual = self.model.encode_media(batch.pixel_values)
         embeds, mask = self.model.fuse(visual, batch.input_ids, batch.attention_mask)
         ids = self.decoder.generate(embeds, mask, settings, generator=generator, rows=rows)
-        answers = [self.tokenizer.decode(row) for row in ids.tolist()]
-        return [lemmatize(self.lemmatizer, a) for a in answers] if self.lemmatizer else answers
+        if self.lemmatizer is None:
+            return [self.tokenizer.decode(row) for row in ids.tolist()]
+        # the original lemmatized the decoded text, then stripped it
+        return [lemmatize(self.lemmatizer, self.tokenizer.decode(row, strip=False)).strip() for row in ids.tolist()]
 
-    def answer(self, pairs, settings: DecodingSettings | None = None, **fields) -> list[str]:
+    def answer(self, pairs, settings: DecodingSettings | None = None, seed: int | None = None,
+               generator: torch.Generator | None = None, **fields) -> list[str]:
         """Answer [(media, question), ...] in one batch ([] for no pairs). Media: an image path (str or Path), a
         PIL image, base64 text or a data URI, a video path (a suffix such as .mp4, or .json for a frame file), or a
         list of frames (PIL images or base64 strings) of any length, sampled to num_frames like a video. One call
         takes images or videos, not both. `settings`: decoding for this call (default: the config's, e.g.
-        `lynx.settings.replace(num_beams=1, use_nucleus_sampling=False)` for greedy). Extra `fields` fill other
-        placeholders of the prompt. A pair that cannot be used raises RecordError naming it by its place."""
+        `lynx.settings.replace(num_beams=1, use_nucleus_sampling=False)` for greedy). Sampled decoding draws from a
+        generator seeded with `seed` (the same call and seed, the same answers), or from `generator` (on the LLM's
+        device), or else from the device's default generator. Extra `fields` fill other placeholders of the prompt.
+        A pair that cannot be used raises RecordError naming it by its place."""
         pairs = list(pairs)
         if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
             raise ValueError('answer() takes a list of (media, question) pairs, e.g. [("cat.jpg", "What is it?")]')
@@ -99,7 +111,9 @@ class LynxPipeline:
             text = format_prompt(self.cfg.prompt, {**fields, "question": question}, self.cfg.lower_text, index=i)
             ids = self.tokenizer.encode(text, self.cfg.max_input_tokens)
             items.append(Item(i, self._pixels(media, index=i), ids))
-        return self.answer_batch(self.collate(items), settings=settings)
+        if seed is not None:
+            generator = self.generator(seed)
+        return self.answer_batch(self.collate(items), settings=settings, generator=generator)
 
     def _pixels(self, media, kind: str | None = None, index=None) -> torch.Tensor:
         """Pixels of one media value, its kind inferred unless given (see `answer`)."""

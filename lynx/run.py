@@ -68,11 +68,13 @@ def is_out_of_memory(err: BaseException) -> bool:
 
 
 def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure, visual: torch.Tensor | None = None,
-                      rows: int | None = None) -> list[tuple[int, str]]:
+                      rows: int | None = None, seed: int | None = None) -> list[tuple[int, str]]:
     """Answers of a batch; on running out of GPU memory, the batch is retried in halves down to one record, each
-    half decoded as a batch of its own size (`rows`: the decoder would otherwise pad it back to its fixed shape)."""
+    half decoded as a batch of its own size (`rows`: the decoder would otherwise pad it back to its fixed shape).
+    `seed`: sampled draws come from a generator seeded with it, afresh for every try and half."""
     try:
-        return list(zip(batch.positions, pipeline.answer_batch(batch, visual, rows=rows)))
+        generator = pipeline.generator(seed) if seed is not None else None
+        return list(zip(batch.positions, pipeline.answer_batch(batch, visual, generator=generator, rows=rows)))
     except RuntimeError as err:
         if not is_out_of_memory(err):
             raise
@@ -87,8 +89,8 @@ def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure, visual: 
     log.warning("out of GPU memory on a batch of %d; retrying in halves", len(batch))
     left = pipeline.cfg.use_left_pad
     first, second = split_batch(batch, slice(0, half), left), split_batch(batch, slice(half, None), left)
-    return (answer_with_retry(pipeline, first, on_failure, rows=len(first))
-            + answer_with_retry(pipeline, second, on_failure, rows=len(second)))
+    return (answer_with_retry(pipeline, first, on_failure, rows=len(first), seed=seed)
+            + answer_with_retry(pipeline, second, on_failure, rows=len(second), seed=seed))
 
 
 def with_media_ahead(loader, model) -> Iterator[tuple[Batch, torch.Tensor | None]]:
@@ -140,7 +142,9 @@ def worker_count(wanted: int) -> int:
 
 def answer_records(pipeline: LynxPipeline, records: list[Record], run: ResumableRun, plan: list[Planned],
                    seed: int, strict: bool = False) -> None:
-    """Answer the records of the planned batches, streaming each batch's answers to the run's side file."""
+    """Answer the records of the planned batches, streaming each batch's answers to the run's side file. Batch b of
+    the plan draws its samples from a generator seeded with `seed + b`, as the original seeded its batches: the draws
+    of a batch depend on its records only, not on the process that answers it or on what that process did before."""
     cfg = pipeline.cfg
     dataset = LynxEvalDataset(records, cfg, pipeline.tokenizer, seed)
     loader = DataLoader(
@@ -167,7 +171,7 @@ def answer_records(pipeline: LynxPipeline, records: list[Record], run: Resumable
             for position, error in batch.failures:
                 on_failure(position, error)
             if len(batch):
-                answered = answer_with_retry(pipeline, batch, on_failure, visual)
+                answered = answer_with_retry(pipeline, batch, on_failure, visual, seed=seed + planned.number)
                 run.add([records[p] for p, _ in answered], [text for _, text in answered])
             progress.update(len(batch) + len(batch.failures))
     finally:

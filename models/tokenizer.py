@@ -56,7 +56,9 @@ class LynxTokenizer:
                 ids.extend(self.sp.encode(part))
         return ids
 
-    def decode(self, ids) -> str:
-        """Text of generated ids, special tokens skipped, stripped (the original's batch_decode + strip)."""
+    def decode(self, ids, strip: bool = True) -> str:
+        """Text of generated ids, special tokens skipped, stripped (the original's batch_decode + strip; its
+        lemmatizer came between the two: `strip=False`)."""
         ids = [int(i) for i in ids if int(i) not in self.special_ids]
-        return self.sp.decode(ids).strip()
+        text = self.sp.decode(ids)
+        return text.strip() if strip else text

@@ -5,9 +5,10 @@ batch key (media kind, decoding settings and `shape`), takes up to `batch_size` 
 answers them as one batch on a thread of its own, so the event loop keeps serving. Lynx's answers do not depend on
 left padding or on what else is in a batch when decoding is deterministic, so batching changes only the speed.
 
-Sampled decoding with a `seed` runs alone, after `torch.manual_seed(seed)`: the same request and seed give the
-same answer on the same server, whatever else is waiting. Sampled requests without a seed batch together and draw
-from the worker's running random state.
+Sampled decoding with a `seed` runs alone, drawing from a generator seeded with it (`LynxPipeline.answer(...,
+seed=)`): the same request and seed give the same answer on the same server, whatever else is waiting or was asked
+before. (Alone, because a row's draws depend on its place and on the other rows of its batch.) Sampled requests
+without a seed batch together and draw from the device's running default generator.
 
 A batch that runs out of GPU memory is retried in halves down to single requests (as generate.py does); a batch
 that fails otherwise is retried one request at a time, so a request that fails, fails alone.
@@ -190,9 +191,10 @@ class Engine:
         """Answers (or exceptions) of a batch, on the model's thread: halves on out-of-memory, one by one on any
         other failure."""
         try:
+            pairs = [(w.media, w.question) for w in batch]
             if batch[0].alone:
-                torch.manual_seed(batch[0].seed)
-            return self.pipeline.answer([(w.media, w.question) for w in batch], settings=batch[0].settings)
+                return self.pipeline.answer(pairs, settings=batch[0].settings, seed=batch[0].seed)
+            return self.pipeline.answer(pairs, settings=batch[0].settings)
         except Exception as err:  # noqa: BLE001 - every failure goes back to its request
             failure = err
         # Retried outside the except block: the traceback holds the failed attempt's tensors until it ends.

@@ -23,8 +23,10 @@ def fixture_config(**overrides) -> dict:
     return cfg
 
 
-def fixture_cases() -> list[dict]:
-    return yaml.safe_load((FIXTURE / "cases.yaml").read_text())["cases"]
+def fixture_cases(name: str = "cases.yaml") -> list[dict]:
+    """The runs of a cases file of the fixture (cases.yaml; cases_paper_decoding.yaml: the original's seeded beam
+    sampling and beam search at the length limit), each with its expected answers."""
+    return yaml.safe_load((FIXTURE / name).read_text())["cases"]
 
 
 def read_jsonl(path) -> list[dict]:

@@ -1,8 +1,10 @@
-"""The decoders on the tiny fixture (CPU, float32): Lynx's own decoder gives the tokens of transformers' generate for
-greedy and beam search, sampling is checked by its invariants; the factory's choice, the fallback to generate, and
-the out-of-memory retry's smaller batches."""
+"""The decoders on the tiny fixture (CPU, float32): Lynx's own decoder follows transformers 4.28.1 (the original's
+rules, written out in tests/reference_428.py) on batches our pipeline builds, left and right padded, with fixed shapes,
+EOS first, every stopping rule, a repetition penalty; sampling checked by its invariants; `decoder: hf` follows
+transformers 5 and differs where its rules do; the factory's choice and the out-of-memory retry's smaller batches."""
 import copy
 import dataclasses
+import json
 import logging
 import os
 import warnings
@@ -10,8 +12,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers.generation.logits_process import (MinNewTokensLengthLogitsProcessor, NoRepeatNGramLogitsProcessor,
-                                                    TopKLogitsWarper, TopPLogitsWarper)
+from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from conftest import FIXTURE, build_tiny_lynx, fixture_cases, fixture_config, read_jsonl as read_answers, run_generate
 from configs.decoding import DecodingSettings
@@ -19,7 +20,8 @@ from dataset.batching import Collator, LynxEvalDataset
 from dataset.records import read_jsonl
 from decoding import FastDecoder, HFDecoder, make_decoder
 from decoding.hf import generation_config
-from decoding.search import ban_early_eos, ban_repeated_ngrams, keep_top_k, keep_top_p
+from decoding.processors import ban_repeated_ngrams, with_placeholder
+from reference_428 import llm_logits, reference_generate, settings_from_kwargs
 
 
 @pytest.fixture(scope="module")
@@ -57,6 +59,15 @@ def settings_for(tiny, **keys) -> DecodingSettings:
     return tiny.settings.replace(**keys)
 
 
+def reference(llm, embeds, mask, settings, tokenizer, early_stopping=False, seed=None) -> torch.Tensor:
+    """The written-out 4.28.1 decoding's ids for this batch, without the placeholder (as decoders return them)."""
+    if seed is not None:
+        torch.manual_seed(seed)
+    rows = reference_generate(llm_logits(llm, embeds, mask), len(mask), settings, eos_id=tokenizer.eos_id,
+                              pad_id=tokenizer.pad_id, bos_id=tokenizer.bos_id, early_stopping=early_stopping)
+    return rows[:, 1:]
+
+
 def hf_generate(llm, embeds, mask, settings_or_config, tokenizer=None):
     """transformers' generate itself, on a GenerationConfig (or on settings mapped as decoding.hf maps them)."""
     gen = settings_or_config
@@ -67,29 +78,19 @@ def hf_generate(llm, embeds, mask, settings_or_config, tokenizer=None):
         return llm.generate(inputs_embeds=embeds, attention_mask=mask, generation_config=gen)
 
 
+@pytest.mark.parametrize("left_pad", [True, False])
 @pytest.mark.parametrize("kind", ["images", "videos"])
 @pytest.mark.parametrize("beams", [1, 5])
-def test_every_fixture_batch_gives_the_tokens_of_generate(tiny, kind, beams):
-    settings = settings_for(tiny, num_beams=beams, use_nucleus_sampling=False)
+def test_every_fixture_batch_follows_428(tiny, kind, beams, left_pad):
+    """Batches our pipeline builds, left padded (the original's) and right padded (rows read their first token at a
+    pad slot; positions still count attended tokens), and a single row."""
+    settings = settings_for(tiny, num_beams=beams, use_nucleus_sampling=False, max_new_tokens=12)
     fast = FastDecoder(tiny.model.LLM, tiny.tokenizer)
-    for start in range(0, tiny.sizes[kind], 3):
-        embeds, mask = tiny.fused(kind, list(range(start, min(start + 3, tiny.sizes[kind]))))
-        assert torch.equal(fast.generate(embeds, mask, settings),
-                           hf_generate(tiny.model.LLM, embeds, mask, settings, tiny.tokenizer))
-
-
-@pytest.mark.parametrize("kind", ["images", "videos"])
-@pytest.mark.parametrize("beams", [1, 5])
-def test_right_padding_and_single_rows(tiny, kind, beams):
-    """Right-padded rows read their first token at a pad slot; positions must still count attended tokens."""
-    llm, tok = tiny.model.LLM, tiny.tokenizer
-    settings = settings_for(tiny, num_beams=beams, use_nucleus_sampling=False)
-    fast = FastDecoder(llm, tok)
-    embeds, mask = tiny.fused(kind, [0, 1, 2], left_pad=False)
-    assert (mask[:, -1] == 0).any()
-    assert torch.equal(fast.generate(embeds, mask, settings), hf_generate(llm, embeds, mask, settings, tok))
-    embeds, mask = tiny.fused(kind, [2])
-    assert torch.equal(fast.generate(embeds, mask, settings), hf_generate(llm, embeds, mask, settings, tok))
+    groups = [list(range(start, min(start + 3, tiny.sizes[kind]))) for start in range(0, tiny.sizes[kind], 3)]
+    for positions in groups + [[2]]:
+        embeds, mask = tiny.fused(kind, positions, left_pad)
+        expected = reference(tiny.model.LLM, embeds, mask, settings, tiny.tokenizer)
+        assert torch.equal(fast.generate(embeds, mask, settings), expected), positions
 
 
 @pytest.mark.parametrize("left_pad", [True, False])
@@ -97,10 +98,11 @@ def test_fixed_shapes_change_no_token(tiny, left_pad):
     """Extra pads after the visual prefix and extra batch rows (what CUDA graphs need) leave every answer as it is."""
     llm, tok = tiny.model.LLM, tiny.tokenizer
     fixed = FastDecoder(llm, tok, prompt_len=32 + 48, batch_size=5, prefix_len=32)
+    plain = FastDecoder(llm, tok)
     embeds, mask = tiny.fused("images", [3, 4, 5], left_pad)
     for beams in (1, 5):
         settings = settings_for(tiny, num_beams=beams, use_nucleus_sampling=False)
-        assert torch.equal(fixed.generate(embeds, mask, settings), hf_generate(llm, embeds, mask, settings, tok))
+        assert torch.equal(fixed.generate(embeds, mask, settings), plain.generate(embeds, mask, settings))
         assert fixed.workspace.batch == 5
 
 
@@ -119,53 +121,38 @@ def eos_first_model(model, embeds, mask, eos_id):
 
 @pytest.mark.parametrize("beams", [1, 5])
 def test_eos_as_best_first_token(tiny, beams):
-    """min_new_tokens bans EOS as the first token (the original's min_length 2); without it EOS may come first."""
+    """min_length 2 bans EOS as the first token (it counts the placeholder); 0 lets it come first. The hf decoder
+    passes min_new_tokens = min_length - 1 to transformers 5 and agrees."""
     tok = tiny.tokenizer
     embeds, mask = tiny.fused("images", [0, 1, 2])
     llm = eos_first_model(tiny.model, embeds, mask, tok.eos_id)
     with torch.no_grad():
         first = llm(inputs_embeds=embeds, attention_mask=mask).logits[:, -1].argmax(-1)
     assert first[0] == first[2] == tok.eos_id
-    fast = FastDecoder(llm, tok)
+    fast, hf = FastDecoder(llm, tok), HFDecoder(llm, tok)
     for min_length in (2, 0):
-        settings = settings_for(tiny, num_beams=beams, use_nucleus_sampling=False, min_length=min_length)
+        settings = settings_for(tiny, num_beams=beams, use_nucleus_sampling=False, min_length=min_length,
+                                max_new_tokens=8)
         ids = fast.generate(embeds, mask, settings)
-        assert torch.equal(ids, hf_generate(llm, embeds, mask, settings, tok))
+        assert torch.equal(ids, reference(llm, embeds, mask, settings, tok))
         assert (ids[0, 0] == tok.eos_id) == (min_length == 0)
+        assert torch.equal(hf.generate(embeds, mask, settings)[:, 0], ids[:, 0])
 
 
-@pytest.mark.parametrize("early_stopping,length_penalty", [(True, -2.0), ("never", 1.0), ("never", -2.0),
-                                                           (False, 1.0), (False, 0.0)])
-def test_beam_search_stopping_rules(tiny, early_stopping, length_penalty):
-    """early_stopping is not a Lynx key (transformers' default, False, applies); the search still follows each of
-    transformers' rules for it."""
+@pytest.mark.parametrize("early_stopping,length_penalty,max_new_tokens", [
+    (True, -2.0, 10), (False, 1.0, 10), (False, 0.0, 10), (False, 2.0, 6), (True, 1.0, 4)])
+def test_beam_search_stopping_rules(tiny, early_stopping, length_penalty, max_new_tokens):
+    """early_stopping is not a Lynx key (4.28's default, False, applies); the search still follows 4.28's rule for
+    either value, and each length penalty, at and before the length limit."""
     llm, tok = tiny.model.LLM, tiny.tokenizer
-    settings = settings_for(tiny, num_beams=5, use_nucleus_sampling=False, length_penalty=length_penalty)
-    gen = generation_config(settings, tok.pad_id, tok.bos_id, tok.eos_id)
-    gen.early_stopping = early_stopping
+    settings = settings_for(tiny, num_beams=5, use_nucleus_sampling=False, length_penalty=length_penalty,
+                            max_new_tokens=max_new_tokens)
     fast = FastDecoder(llm, tok)
     search = dataclasses.replace(fast.search_for(settings), early_stopping=early_stopping)
     for positions in ([0, 1, 2], [6, 7, 8]):
         embeds, mask = tiny.fused("images", positions)
-        assert torch.equal(fast.decode(embeds, mask, search), hf_generate(llm, embeds, mask, gen))
-
-
-def test_logits_processors_equal_transformers():
-    torch.manual_seed(0)
-    rows, width, vocab = 6, 12, 40
-    tokens = torch.randint(0, 5, (rows, width))  # few ids: many repeated n-grams
-    scores = torch.randn(rows, vocab)
-    for n in (1, 2, 3):
-        for step in range(width + 1):
-            expected = NoRepeatNGramLogitsProcessor(n)(tokens[:, :step], scores)
-            assert torch.equal(ban_repeated_ngrams(scores, tokens, torch.tensor(step), n), expected), (n, step)
-    for step in range(4):
-        expected = MinNewTokensLengthLogitsProcessor(0, 2, eos_token_id=3)(tokens[:, :step], scores)
-        assert torch.equal(ban_early_eos(scores, torch.tensor(step), 2, 3), expected)
-    for k, keep in ((3, 1), (3, 2), (1, 2), (50, 1)):
-        assert torch.equal(keep_top_k(scores, k, keep), TopKLogitsWarper(k, min_tokens_to_keep=keep)(tokens, scores))
-    for p, keep in ((0.9, 1), (0.9, 2), (0.3, 1), (0.01, 2)):
-        assert torch.equal(keep_top_p(scores, p, keep), TopPLogitsWarper(p, min_tokens_to_keep=keep)(tokens, scores))
+        expected = reference(llm, embeds, mask, settings, tok, early_stopping=early_stopping)
+        assert torch.equal(fast.decode(embeds, mask, search), expected), positions
 
 
 def repeated_ngram(row, eos_id, n=2):
@@ -215,73 +202,69 @@ def test_sampled_tokens_come_from_the_top_k(tiny):
     assert (top3 == ids[..., None]).any(-1).all()
 
 
-def test_unsupported_options_fall_back_to_transformers(tiny, caplog):
-    """repetition_penalty is transformers' only: those settings are decoded by generate, with one warning per
-    distinct settings; the fast decoder's own settings in between are still its own."""
+def test_repetition_penalty_is_lynxs_own(tiny, caplog):
+    """repetition_penalty follows 4.28 (the placeholder <s> is among the ids it penalises) in Lynx's own decoder,
+    with no fallback to transformers' generate."""
     llm, tok = tiny.model.LLM, tiny.tokenizer
     embeds, mask = tiny.fused("images", [0, 1, 2])
     fast = FastDecoder(llm, tok)
-    penalised = settings_for(tiny, repetition_penalty=1.3)
-    plain = settings_for(tiny)
-    expected = hf_generate(llm, embeds, mask, penalised, tok)
-    assert not torch.equal(expected, hf_generate(llm, embeds, mask, plain, tok))  # the option changes the answers
     caplog.set_level(logging.WARNING, logger="lynx")
-    assert torch.equal(fast.generate(embeds, mask, penalised), expected)
-    assert torch.equal(fast.generate(embeds, mask, plain), hf_generate(llm, embeds, mask, plain, tok))
-    assert torch.equal(fast.generate(embeds, mask, penalised), expected)
-    assert fast.search_for(plain) is not None and fast.workspace is not None
-    fast.generate(embeds, mask, penalised.replace(repetition_penalty=1.5))
-    assert [r.getMessage() for r in caplog.records] == [
-        "the fast decoder does not support repetition_penalty 1.3; decoding these settings with transformers' "
-        "generate",
-        "the fast decoder does not support repetition_penalty 1.5; decoding these settings with transformers' "
-        "generate"]
+    plain = settings_for(tiny, max_new_tokens=12)
+    for penalty in (1.3, 0.7):
+        penalised = plain.replace(repetition_penalty=penalty)
+        ids = fast.generate(embeds, mask, penalised)
+        assert torch.equal(ids, reference(llm, embeds, mask, penalised, tok))
+        assert not torch.equal(ids, fast.generate(embeds, mask, plain))  # the option changes the answers
+    assert caplog.records == []
 
 
-def test_decoder_auto_is_fast_on_cuda_and_hf_on_cpu(tiny):
-    """The factory's choice, checkable without a GPU: a CUDA device string gets Lynx's own decoder with the fixed
-    shapes of CUDA graphs (nothing runs on the device until it decodes)."""
+def test_decoder_auto_is_lynxs_own_on_every_device(tiny):
+    """The factory's choice, checkable without a GPU: `auto` (and `fast`) is Lynx's own decoder, with the fixed
+    shapes of CUDA graphs on a CUDA device (nothing runs there until it decodes) and each batch's own shape on the
+    CPU (seeded draws as the original's); `hf` is transformers' generate."""
     cfg = copy.copy(tiny.cfg)
-    cfg.decoder = "auto"
     llm, tok = tiny.model.LLM, tiny.tokenizer
-    assert isinstance(make_decoder(cfg, llm, tok, "cpu"), HFDecoder)
-    for device in ("cuda", "cuda:1"):
-        decoder = make_decoder(cfg, llm, tok, device, compile=False)
-        assert isinstance(decoder, FastDecoder)
-        assert (decoder.batch_size, decoder.prompt_len, decoder.prefix_len) == (3, 32 + 40, 32)
-    cfg.decoder = "fast"
-    decoder = make_decoder(cfg, llm, tok, "cpu")
-    assert isinstance(decoder, FastDecoder) and decoder.batch_size is None and decoder.prefix_len == 32
+    for name in ("auto", "fast"):
+        cfg.decoder = name
+        decoder = make_decoder(cfg, llm, tok, "cpu")
+        assert isinstance(decoder, FastDecoder) and decoder.batch_size is None and decoder.prompt_len is None
+        assert decoder.prefix_len == 32
+        for device in ("cuda", "cuda:1"):
+            decoder = make_decoder(cfg, llm, tok, device, compile=False)
+            assert isinstance(decoder, FastDecoder)
+            assert (decoder.batch_size, decoder.prompt_len, decoder.prefix_len) == (3, 32 + 40, 32)
     cfg.decoder = "hf"
-    assert isinstance(make_decoder(cfg, llm, tok, "cuda"), HFDecoder)
+    for device in ("cpu", "cuda"):
+        assert isinstance(make_decoder(cfg, llm, tok, device), HFDecoder)
 
 
 def test_the_llms_generation_config_changes_no_decoding_option(tiny):
-    """Both decoders take every option from the settings and the tokenizer. transformers' generate fills keys left
-    unset from the LLM's generation_config.json; no key that either decoder uses is left unset, so values there
-    change no answer, even where a setting equals transformers' default (no_repeat_ngram_size 0)."""
+    """transformers' generate fills keys left unset from the LLM's generation_config.json; the hf decoder sets every
+    key it uses, so values there change no answer, even where a setting equals transformers' default
+    (no_repeat_ngram_size 0). Lynx's own decoder never reads that file."""
     tok = tiny.tokenizer
     llm = copy.deepcopy(tiny.model.LLM)
     llm.generation_config.no_repeat_ngram_size = 2
+    llm.generation_config.early_stopping = True
     clean_hf = HFDecoder(tiny.model.LLM, tok)
     embeds, mask = tiny.fused("images", [0, 1, 2])
     settings = settings_for(tiny, no_repeat_ngram_size=0, min_length=25)  # 24 tokens: repeated bigrams
     expected = clean_hf.generate(embeds, mask, settings)
     assert not torch.equal(clean_hf.generate(embeds, mask, settings.replace(no_repeat_ngram_size=2)), expected)
     assert torch.equal(HFDecoder(llm, tok).generate(embeds, mask, settings), expected)
-    assert torch.equal(FastDecoder(llm, tok).generate(embeds, mask, settings), expected)
-    # every key the fast decoder's search uses is set for generate too, e.g. beam sampling's early_stopping
-    paper = settings_for(tiny, num_beams=5, use_nucleus_sampling=True)
-    gen = HFDecoder(llm, tok).generation_config(paper)
-    search = FastDecoder(llm, tok).search_for(paper)
-    keys = {"eos_id": "eos_token_id", "pad_id": "pad_token_id", "fill_id": "pad_token_id"}
-    for field in dataclasses.fields(search):
-        assert getattr(gen, keys.get(field.name, field.name)) == getattr(search, field.name), field.name
+    assert torch.equal(FastDecoder(llm, tok).generate(embeds, mask, settings),
+                       FastDecoder(tiny.model.LLM, tok).generate(embeds, mask, settings))
+    paper = HFDecoder(llm, tok).generation_config(settings_for(tiny, num_beams=5, use_nucleus_sampling=True))
+    assert (paper.do_sample, paper.num_beams, paper.top_k, paper.top_p, paper.temperature, paper.length_penalty,
+            paper.early_stopping, paper.min_new_tokens, paper.no_repeat_ngram_size, paper.repetition_penalty,
+            paper.max_new_tokens, paper.pad_token_id, paper.eos_token_id) == (
+        True, 5, 3, 0.9, 1.0, -2.0, False, 1, 2, 1.0, 24, tok.pad_id, tok.eos_id)
 
 
 def test_out_of_memory_retry_decodes_halves_at_their_own_size(tiny, monkeypatch):
     """A decoder with a fixed batch shape runs out of memory on more than one row: the run's retry asks for
-    smaller batches (`rows`), the decoder keeps its own batch size, and every record is answered as usual."""
+    smaller batches (`rows`), the decoder keeps its own batch size, every record is answered as usual, and every
+    try draws from a generator seeded afresh with the batch's seed."""
     from lynx.pipeline import LynxPipeline
     from lynx.run import answer_with_retry
 
@@ -290,8 +273,8 @@ def test_out_of_memory_retry_decodes_halves_at_their_own_size(tiny, monkeypatch)
     expected = LynxPipeline(tiny.cfg, model, tok, "cpu").answer_batch(batch)
     pipeline = LynxPipeline(tiny.cfg, model, tok, "cpu")
     pipeline.decoder = FastDecoder(model.LLM, tok, prompt_len=32 + 40, batch_size=3, prefix_len=32)
-    real_prefill = FastDecoder._prefill
-    rows_tried = []
+    real_prefill, real_generator = FastDecoder._prefill, pipeline.generator
+    rows_tried, seeds = [], []
 
     def prefill(self, ws, embeds, mask):
         rows_tried.append(embeds.shape[0])
@@ -300,17 +283,19 @@ def test_out_of_memory_retry_decodes_halves_at_their_own_size(tiny, monkeypatch)
         return real_prefill(self, ws, embeds, mask)
 
     monkeypatch.setattr(FastDecoder, "_prefill", prefill)
+    monkeypatch.setattr(pipeline, "generator", lambda seed: seeds.append(seed) or real_generator(seed))
     failures = []
-    answers = answer_with_retry(pipeline, batch, lambda p, e: failures.append((p, e)))
+    answers = answer_with_retry(pipeline, batch, lambda p, e: failures.append((p, e)), seed=45)
     assert failures == []
     assert answers == list(zip(batch.positions, expected))
     assert rows_tried == [3, 1, 2, 1, 1]  # the batch, its first half, the second half and its halves
+    assert seeds == [45] * 5
     assert pipeline.decoder.batch_size == 3
 
 
 def test_hf_decoder_seeded_by_a_generator(tiny):
-    """A generator makes transformers' sampling reproducible per call and leaves torch's global generator as it
-    was (the run's seeded draws go on unchanged)."""
+    """A generator lends its stream to transformers' sampling: a generator seeded with s draws what
+    `torch.manual_seed(s)` then `generate` draws; it moves on, and torch's global generator is left as it was."""
     embeds, mask = tiny.fused("images", [0, 1, 2])
     hf = HFDecoder(tiny.model.LLM, tiny.tokenizer)
     settings = settings_for(tiny, num_beams=5, use_nucleus_sampling=True)
@@ -320,6 +305,11 @@ def test_hf_decoder_seeded_by_a_generator(tiny):
     assert torch.equal(torch.get_rng_state(), state)
     assert torch.equal(runs[0], runs[1])
     assert any(not torch.equal(runs[0], other) for other in runs[2:])
+    torch.manual_seed(1)
+    assert torch.equal(hf_generate(tiny.model.LLM, embeds, mask, settings, tiny.tokenizer), runs[0])
+    generator = torch.Generator().manual_seed(1)
+    hf.generate(embeds, mask, settings, generator=generator)
+    assert not torch.equal(hf.generate(embeds, mask, settings, generator=generator), runs[0])  # moved on
 
 
 def test_vit_in_chunks_gives_the_same_visual_tokens(tiny):
@@ -335,35 +325,49 @@ def test_vit_in_chunks_gives_the_same_visual_tokens(tiny):
     torch.testing.assert_close(chunked, whole, atol=1e-5, rtol=1e-5)
 
 
-def test_generate_py_with_the_fast_decoder_gives_the_original_answers(tmp_path):
+def test_generate_py_with_the_hf_decoder_gives_the_original_answers(tmp_path):
+    """`decoder: hf` on the fixture's beam search (24 tokens, no beam cut at the limit): there transformers 5's
+    rules give the original's answers."""
     spec = next(c for c in fixture_cases() if c["name"] == "images_beam5")
-    run = run_generate(fixture_config(**spec["set"], decoder="fast"), tmp_path)
+    run = run_generate(fixture_config(**spec["set"], decoder="hf"), tmp_path)
     assert run.returncode == 0, run.stderr[-3000:]
     assert read_answers(tmp_path / "answers.jsonl") == read_answers(FIXTURE / spec["expected"])
 
 
-@pytest.mark.gpu
-def test_cuda_graphs_give_the_eager_tokens(tiny):
-    """Run on a GPU machine with `python -m pytest -m gpu` (not part of the default run, which has no GPU)."""
-    assert torch.cuda.is_available(), "this test needs a CUDA device"
-    tok = tiny.tokenizer
-    embeds, mask = tiny.fused("images", [0, 1, 2])
-    gpu = copy.deepcopy(tiny.model).cuda()
-    for beams in (1, 5):
-        settings = settings_for(tiny, num_beams=beams, use_nucleus_sampling=False)
-        eager = FastDecoder(gpu.LLM, tok, cuda_graphs=False).generate(embeds.cuda(), mask.cuda(), settings)
-        graphs = FastDecoder(gpu.LLM, tok, prompt_len=80, batch_size=4, prefix_len=32)
-        assert torch.equal(graphs.generate(embeds.cuda(), mask.cuda(), settings), eager)
-        assert torch.equal(graphs.generate(embeds.cuda(), mask.cuda(), settings), eager)  # replayed on new inputs
+@pytest.mark.parametrize("kind", ["images", "videos"])
+def test_the_hf_decoder_follows_transformers_5_at_the_length_limit(tiny, kind):
+    """Where the rules differ the decoders differ: beams cut at max_new_tokens are scored with length
+    max_new_tokens by transformers 5 (1 + max_new_tokens in 4.28, and 4.28 adds every running beam). The hf decoder
+    gives the ids transformers 5.24 gave on the original's inputs (expected/maxlen/meta.json), Lynx's decoder the
+    original's; the records that differ are the ones listed there."""
+    maxlen = FIXTURE / "expected" / "maxlen"
+    comparison = json.loads((maxlen / "meta.json").read_text())["transformers_5_24_comparison"]
+    eos = tiny.tokenizer.eos_id
+    fast, hf = FastDecoder(tiny.model.LLM, tiny.tokenizer), HFDecoder(tiny.model.LLM, tiny.tokenizer)
+
+    def answers(ids: torch.Tensor) -> list:
+        return [row[:row.index(eos) + 1] if eos in row else row for row in ids.tolist()]
+
+    for m in (4, 6, 8):
+        saved = torch.load(maxlen / f"{kind}_beam5_mnt{m}_ids.pt", weights_only=True)
+        settings = settings_from_kwargs(saved["generate_kwargs"])
+        theirs, ours = [], []
+        for b in range(4 if kind == "images" else 2):
+            inputs = torch.load(FIXTURE / "expected" / "sampling" / f"{kind}_batch{b}_inputs.pt", weights_only=True)
+            theirs += answers(hf.generate(inputs["inputs_embeds"], inputs["attention_mask"], settings))
+            ours += answers(fast.generate(inputs["inputs_embeds"], inputs["attention_mask"], settings))
+        assert theirs == comparison["transformers_5_24_generated_ids"][f"{kind}_mnt{m}"]
+        assert ours == saved["generated_ids"]
+        differ = [index for index, t, o in zip(saved["indices"], theirs, ours) if t != o]
+        assert differ == comparison["records_whose_ids_differ"][f"{kind}_mnt{m}"]
 
 
-def test_ngram_blocking_sees_generated_tokens_only():
-    """Documented difference: the original (transformers 4.28) also counted its BOS placeholder, so after a
-    generated <s> (id 1) it banned the answer's first token. Both decoders here look at generated tokens only."""
+def test_ngram_blocking_sees_the_placeholder_in_lynxs_decoder_only():
+    """Documented difference: 4.28 (the original's, and Lynx's decoder) counts its BOS placeholder among the ids, so
+    after a generated <s> (id 1) it bans the answer's first token; transformers 5 (the hf decoder) looks at
+    generated tokens only."""
     scores = torch.zeros(1, 10)
     generated = torch.tensor([[5, 1, 0]])  # first token 5, then <s>; the next choice is step 2
-    assert torch.isfinite(ban_repeated_ngrams(scores, generated, torch.tensor(2), 2)[0, 5])
-    hf = NoRepeatNGramLogitsProcessor(2)
-    assert torch.isfinite(hf(generated[:, :2], scores.clone())[0, 5])
-    with_placeholder = torch.tensor([[1, 5, 1]])  # what the original's processor saw
-    assert hf(with_placeholder, scores.clone())[0, 5] == -float("inf")
+    ids = with_placeholder(generated, bos_id=1)
+    assert ban_repeated_ngrams(scores, ids, torch.tensor(3), 2)[0, 5] == -float("inf")
+    assert torch.isfinite(NoRepeatNGramLogitsProcessor(2)(generated[:, :2], scores.clone())[0, 5])

@@ -16,21 +16,25 @@ SAMPLED = GREEDY.replace(use_nucleus_sampling=True)
 
 
 class FakePipeline:
-    """Answers 'kind:question' (or a draw from torch's RNG when sampling); fails as told."""
+    """Answers 'kind:question' (or, when sampling, a draw from a generator seeded with the call's seed, else from
+    torch's global one); fails as told."""
 
     def __init__(self, oom_above: int | None = None, bad: str | None = None):
         self.calls: list[list[str]] = []
+        self.seeds: list[int | None] = []
         self.oom_above, self.bad = oom_above, bad
 
-    def answer(self, pairs, settings=None):
+    def answer(self, pairs, settings=None, seed=None):
         questions = [q for _, q in pairs]
         self.calls.append(questions)
+        self.seeds.append(seed)
         if self.oom_above is not None and len(pairs) > self.oom_above:
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
         if self.bad in questions:
             raise ValueError(f"cannot use {self.bad}")
         if settings.use_nucleus_sampling:
-            return [f"{q}:{torch.randint(0, 10**9, ()).item()}" for q in questions]
+            generator = torch.Generator().manual_seed(seed) if seed is not None else None
+            return [f"{q}:{torch.randint(0, 10**9, (), generator=generator).item()}" for q in questions]
         return [f"{m}:{q}" for m, q in pairs]
 
 
@@ -69,9 +73,14 @@ def test_seeded_sampling_runs_alone_and_repeats():
     pipeline = FakePipeline()
     works = [Work("image", "s", "image", SAMPLED, seed=7), Work("image", "t", "image", SAMPLED),
              Work("image", "u", "image", SAMPLED), Work("image", "s", "image", SAMPLED, seed=7)]
+    torch.manual_seed(0)
     results, _ = run(pipeline, works)
     assert results[0] == results[3]
     assert sorted(map(sorted, pipeline.calls)) == [["s"], ["s"], ["t", "u"]]
+    assert sorted(pipeline.seeds, key=str) == [7, 7, None]  # the seed goes to the call, not to torch's global state
+    state = torch.get_rng_state()
+    assert run(FakePipeline(), works[:1])[0] == results[:1]
+    assert torch.equal(torch.get_rng_state(), state)
 
 
 def test_out_of_memory_splits_the_batch_in_halves_down_to_one():
