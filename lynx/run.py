@@ -70,25 +70,26 @@ def is_out_of_memory(err: BaseException) -> bool:
 def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure, visual: torch.Tensor | None = None,
                       rows: int | None = None) -> list[tuple[int, str]]:
     """Answers of a batch; on running out of GPU memory, the batch is retried in halves down to one record, each
-    half decoded as a batch of its own size (`rows`: the decoder would otherwise pad it back to its fixed shape)."""
+    half decoded as a batch of its own size (`rows`: the decoder would otherwise pad it back to its fixed shape)
+    with its rows of the visual prefix, when there is one (a few MB: not worth computing again)."""
     try:
         return list(zip(batch.positions, pipeline.answer_batch(batch, visual, rows=rows)))
     except RuntimeError as err:
         if not is_out_of_memory(err):
             raise
     # Retried outside the except block: the error's traceback holds the failed attempt's tensors until it ends.
-    visual = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if len(batch) == 1:
         on_failure(batch.positions[0], RecordError(None, "out of GPU memory even alone in a batch"))
         return []
-    half = len(batch) // 2
     log.warning("out of GPU memory on a batch of %d; retrying in halves", len(batch))
-    left = pipeline.cfg.use_left_pad
-    first, second = split_batch(batch, slice(0, half), left), split_batch(batch, slice(half, None), left)
-    return (answer_with_retry(pipeline, first, on_failure, rows=len(first))
-            + answer_with_retry(pipeline, second, on_failure, rows=len(second)))
+    answered = []
+    for rows_of_half in (slice(0, len(batch) // 2), slice(len(batch) // 2, None)):
+        half = split_batch(batch, rows_of_half, pipeline.cfg.use_left_pad)
+        half_visual = None if visual is None else visual[rows_of_half]
+        answered += answer_with_retry(pipeline, half, on_failure, half_visual, rows=len(half))
+    return answered
 
 
 def with_media_ahead(loader, model) -> Iterator[tuple[Batch, torch.Tensor | None]]:
