@@ -10,7 +10,8 @@ def test_tiny_benchmark_prints_the_table_and_writes_json(tmp_path):
     out = tmp_path / "results.json"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--tiny", "--device", "cpu", "--limit", "3",
            "--batch-size", "2", "--max-new-tokens", "5", "--modes", "paper", "greedy", "--fidelity-limit", "2",
-           "--save-weights", str(tmp_path / "weights"), "--out", str(out)]
+           "--split-limit", "2", "--quantize", "int8", "int4", "--quantized-modes", "greedy", "--quantized-sets",
+           "images", "--save-weights", str(tmp_path / "weights"), "--out", str(out)]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
     lines = run.stdout.splitlines()
@@ -23,6 +24,7 @@ def test_tiny_benchmark_prints_the_table_and_writes_json(tmp_path):
         ("baseline", "images", "paper"), ("baseline", "videos", "paper"), ("baseline", "images", "greedy"),
         ("baseline", "videos", "greedy"), ("fast", "images", "paper"), ("fast", "videos", "paper")]
     assert "answers equal" in run.stdout
+    assert "greedy, fast-int8 vs fast (float32), images:" in run.stdout
 
     report = json.loads(out.read_text())
     assert report["environment"]["card"] == "CPU"
@@ -31,6 +33,13 @@ def test_tiny_benchmark_prints_the_table_and_writes_json(tmp_path):
                                                                  ("fast", "videos", "greedy")}
     fast_images = next(r for r in rows if r["config"] == "fast" and r["set"] == "images" and r["mode"] == "paper")
     assert fast_images["records"] == 3 and set(fast_images["parts"]) == {"vit", "resampler", "prefill", "decode"}
+    assert fast_images["split_records"] == 2 and not fast_images["estimated"]  # the set pass ran every record
+    assert fast_images["graph_replays"] is None and fast_images["peak_gib"] is None  # no CUDA here
+    for mode in ("int8", "int4"):  # the quantized fast path: its greedy answers, compared with the fast path's
+        assert {(r["set"], r["mode"]) for r in rows if r["config"] == f"fast-{mode}"} == {("images", "greedy")}
+        assert report["agreement"][f"fast-{mode} / fast greedy"]["images"]["records"] == 2
+        assert "linear layers" in report["quantized"][mode]
+    assert "failures" not in report
     baseline_greedy = next(r for r in rows if r["config"] == "baseline" and r["mode"] == "greedy")
     assert baseline_greedy["measured_records"] == 2 and baseline_greedy["estimated"]
     # float32 on both sides on the CPU: the fast path's greedy answers are the original's
