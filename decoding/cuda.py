@@ -57,6 +57,12 @@ class CudaCalls:
     def generator(self) -> torch.Generator:
         return torch.Generator(device=self.device)
 
+    def holds(self, generator: torch.Generator) -> bool:
+        """Whether `generator` draws on this device (the graphs' generator can then take its state)."""
+        device = generator.device
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return device.type == "cuda" and index == self.index
+
     def default_generator(self) -> torch.Generator:
         """The generator sampling draws from when no generator is given (torch.manual_seed seeds it)."""
         return torch.cuda.default_generators[self.index]

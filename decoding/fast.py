@@ -212,7 +212,7 @@ class FastDecoder:
             return None
         if self.graph_rng is None:
             self.graph_rng = self.cuda.generator()
-        if generator is not None and generator.device != self.graph_rng.device:
+        if generator is not None and not self.cuda.holds(generator):
             return None
         if s not in ws.graphs:
             self._capture(ws, s)

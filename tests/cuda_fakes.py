@@ -92,6 +92,9 @@ class FakeCuda:
     def generator(self) -> torch.Generator:
         return torch.Generator()
 
+    def holds(self, generator: torch.Generator) -> bool:
+        return generator.device.type == "cpu"
+
     def default_generator(self) -> torch.Generator:
         return torch.default_generator
 

@@ -324,6 +324,9 @@ def test_graph_capture_calls_name_the_models_device(monkeypatch):
     assert cuda.default_generator() == "generator of cuda:1"
     cuda1 = torch.device("cuda:1")
     assert rec.calls == [("Stream", cuda1), ("current_stream", cuda1), ("synchronize", cuda1), ("Generator", cuda1)]
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)  # inside the decoder's on_device block
+    for device, held in (("cuda:1", True), ("cuda", True), ("cuda:0", False), ("cpu", False)):
+        assert cuda.holds(SimpleNamespace(device=torch.device(device))) == held, device
 
 
 def test_media_ahead_waits_on_the_models_device(monkeypatch):
