@@ -45,3 +45,31 @@ def test_tiny_benchmark_prints_the_table_and_writes_json(tmp_path):
     # float32 on both sides on the CPU: the fast path's greedy answers are the original's
     assert all(f["equal"] == f["records"] == 2 for f in report["fidelity"].values())
     assert report["weights"]["load_s"] >= 0 and (tmp_path / "weights" / "lynx_random_bf16.safetensors").exists()
+
+
+def test_gpu_check_dry_run_on_the_cpu(tmp_path):
+    """benchmarks/gpu_check.sh --tiny: every stage of the GPU check with the tiny model on the CPU (pytest only
+    collects the gpu tests). A stage out of time (here load-int8, given 5 s: its child process alone takes longer to start) is recorded and the next one runs; the
+    report writes <card>-<date>.json and prints BENCHMARKS.md's rows."""
+    import os
+
+    env = {**os.environ, "PYTHON": sys.executable, "BUDGET_load_int8": "5"}
+    work, results = tmp_path / "work", tmp_path / "results"
+    run = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh"), "--tiny", "--work", str(work),
+                          "--results", str(results)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         timeout=900)
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    stages = {s["stage"]: s["status"] for s in map(json.loads, (work / "stages.jsonl").read_text().splitlines())}
+    assert stages == {"env": "ok", "pytest-gpu": "ok", "benchmark": "ok", "release-files": "ok", "load": "ok",
+                      "load-int8": "timeout", "report": "ok"}
+    [path] = results.glob("cpu-*.json")
+    report = json.loads(path.read_text())
+    assert (work / path.name).exists()  # a copy beside the logs (what a GPU session brings back)
+    assert "tests collected" in report["pytest_gpu"]["summary"]
+    configs = {(r["config"], r["mode"]) for r in report["benchmark"]["results"]}
+    assert {("fast", m) for m in ("paper", "beam5", "greedy")} <= configs
+    assert {("fast-int8", "paper"), ("fast-int4", "greedy"), ("baseline", "paper")} <= configs
+    assert [r["quantize"] for r in report["load"]] == ["none"] and report["load"][0]["load_s"] > 0
+    out = run.stdout
+    assert "| CPU | " in out and "| images | paper |" in out and "| int8 | images |" in out and "| cpu | none |" in out
+    assert "load-int8      timeout" in out
