@@ -17,7 +17,7 @@ import sys
 import xml.etree.ElementTree as ElementTree
 from pathlib import Path
 
-TARGETS = [  # (what, config, set, mode, key, limit): the targets on one H100 / H200, batch 16
+TARGETS = [  # (what, config, set, mode, key, limit): BENCHMARKS.md's targets, one H100 / H200, batch 16
     ("image set, paper decoding, model s", "fast", "images", "paper", "seconds", 10.0),
     ("video set, paper decoding, model s", "fast", "videos", "paper", "seconds", 8.0),
     ("a 16 x 5-beam step, ms", "fast", "images", "paper", "decode_ms_per_step", 8.0),
