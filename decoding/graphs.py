@@ -63,26 +63,28 @@ def captured(graph, cuda: CudaCalls, stream, pool, shape: str):
     current again and the allocator is out of capture mode; out of memory is raised as such, any other failure as
     CaptureFailed naming the shape."""
     cuda.synchronize()
+    failure = None
     with cuda.use(stream):
         try:
             graph.capture_begin(pool=pool, capture_error_mode="thread_local")
-        except BaseException:
-            cuda.abandon(graph, pool)
-            raise
-        try:
-            yield
-        except BaseException as err:
+        except BaseException as err:  # noqa: BLE001 - raised below, after the cleanup
             failure = err
-        else:
-            failure = None
-        try:
-            graph.capture_end()  # ends the stream's capture, also after a failure inside the block
-        except RuntimeError as err:
-            failure = failure or err
+        if failure is None:
+            try:
+                yield
+            except BaseException as err:  # noqa: BLE001 - the capture must end first
+                failure = err
+            try:
+                graph.capture_end()  # ends the stream's capture, also after a failure inside the block
+            except RuntimeError as err:
+                failure = failure or err
         if failure is not None:
             cuda.abandon(graph, pool)
-    if failure is None:
-        return
+    if failure is not None:
+        raise_as_capture_failure(failure, shape)
+
+
+def raise_as_capture_failure(failure: BaseException, shape: str):
     if is_out_of_memory(failure) or not isinstance(failure, Exception):
         raise failure
     first_line = (str(failure).strip().splitlines() or [""])[0]

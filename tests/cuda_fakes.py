@@ -33,6 +33,9 @@ class FakeGraph:
 
     def capture_begin(self, pool=None, capture_error_mode="global") -> None:
         assert self.cuda.current.name != "default", "CUDA graphs are captured on a side stream"
+        if self.cuda.fail_capture_begin:
+            self.cuda.fail_capture_begin -= 1
+            raise RuntimeError("CUDA error: operation not permitted when stream is capturing")
         self.cuda.capturing = True
 
     def capture_end(self) -> None:
@@ -60,6 +63,7 @@ class FakeCuda:
         self.device = torch.device("cpu")
         self.current = FakeStream("default")
         self.capturing = False
+        self.fail_capture_begin = 0  # capture_begin failures to come
         self.fail_capture_end = 0  # capture_end failures to come (a capture invalidated at its end)
         self.graphs: list[FakeGraph] = []
         self.replays = 0

@@ -231,6 +231,16 @@ def test_capture_restores_the_stream_whatever_fails(failure, raised):
     assert fake.abandoned == 1
 
 
+def test_a_capture_that_cannot_begin_is_a_capture_failure():
+    fake = FakeCuda()
+    fake.fail_capture_begin = 1
+    ran = []
+    with pytest.raises(CaptureFailed, match="16 rows x 5 beams.*not permitted"):
+        with captured(fake.graph(), fake, fake.stream(), ("pool",), "16 rows x 5 beams"):
+            ran.append(True)
+    assert not ran and fake.current.name == "default" and fake.abandoned == 1
+
+
 def test_abandoning_a_capture_takes_the_allocator_out_of_capture_mode(monkeypatch):
     """After a capture_end that failed before the allocator was told, the allocator stops sending allocations to
     the pool and the pool loses the graph's hold; after a capture that ended, the graph releases the pool itself."""
