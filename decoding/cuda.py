@@ -71,17 +71,13 @@ class CudaCalls:
         fn()
 
     def abandon(self, graph, pool) -> None:
-        """After a capture that did not end cleanly: the allocator stops sending allocations to `pool` (else it
-        stays in capture mode and defers the frees of blocks used on other streams for good: memory grows every
-        batch), and the pool loses the failed graph's hold on it, unless the capture ended far enough for the
-        graph to release it itself."""
+        """After a capture that did not end cleanly: the graph lets go of what it holds (torch releases its hold on
+        the memory pool where it knows how; this never releases it a second time, which could free memory the
+        workspace's other graphs use), then the allocator stops sending allocations to the pool if it still does.
+        Some torch versions leave it so after a failed capture_end, and an allocator that believes a capture is
+        under way defers the frees of blocks used on other streams for good: memory would grow every batch."""
+        graph.reset()
         try:
-            graph.pool()  # raises unless the capture ended
-            return
-        except RuntimeError:
+            torch._C._cuda_endAllocateToPool(self.index, pool)
+        except RuntimeError:  # "not currently recording": torch ended it already
             pass
-        for release in (torch._C._cuda_endAllocateToPool, torch._C._cuda_releasePool):
-            try:
-                release(self.index, pool)
-            except RuntimeError:  # the capture got as far as this already
-                pass

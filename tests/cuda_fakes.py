@@ -50,6 +50,9 @@ class FakeGraph:
             raise RuntimeError("Called CUDAGraph::pool() without a preceding successful capture.")
         return ("pool",)
 
+    def reset(self) -> None:
+        self.cuda.resets += 1
+
     def replay(self) -> None:
         self.cuda.replays += 1
         self.fn()
@@ -67,6 +70,7 @@ class FakeCuda:
         self.fail_capture_end = 0  # capture_end failures to come (a capture invalidated at its end)
         self.graphs: list[FakeGraph] = []
         self.replays = 0
+        self.resets = 0
         self.abandoned = 0
 
     def stream(self) -> FakeStream:
