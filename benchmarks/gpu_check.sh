@@ -84,7 +84,8 @@ if [ "$TINY" = 1 ]; then
 else
     DEVICE=cuda
     RELEASE_ARGS=()
-    PYTEST=("$PYTHON" -m pytest -m gpu -q -p no:cacheprovider -rfEs --junitxml="$WORK/pytest.xml")
+    PYTEST=("$PYTHON" -m pytest -m gpu -v -p no:cacheprovider -rfEs --junitxml="$WORK/pytest.xml")  # -v: each result
+    # in the log as it comes, should the stage run out of time before pytest writes its XML
     BENCH=(--device cuda)
 fi
 

@@ -42,7 +42,12 @@ def pytest_summary(work: Path) -> dict:
         log = work / "pytest-gpu.log"
         lines = log.read_text().splitlines() if log.exists() else []
         counts = [line for line in lines if re.search(r"\d+ (passed|failed|error|tests? collected)", line)]
-        return {"summary": counts[-1].strip("= ") if counts else "no summary (see pytest-gpu.log)"}
+        if counts:
+            return {"summary": counts[-1].strip("= ")}
+        results = re.findall(r"^(\S+::\S+) (PASSED|FAILED|ERROR|SKIPPED)", "\n".join(lines), re.M)
+        failed = [name for name, outcome in results if outcome in ("FAILED", "ERROR")]
+        return {"failed": failed, "summary": f"stopped before the end: {len(results)} tests reported, "
+                                             f"{len(failed)} failed (see pytest-gpu.log)"}
     suite = suite if suite.tag == "testsuite" else suite.find("testsuite")
     failed, skipped = [], []
     for case in suite.iter("testcase"):

@@ -49,8 +49,9 @@ def test_tiny_benchmark_prints_the_table_and_writes_json(tmp_path):
 
 def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     """benchmarks/gpu_check.sh --tiny: every stage of the GPU check with the tiny model on the CPU (pytest only
-    collects the gpu tests). A stage out of time (here load-int8, given 5 s: its child process alone takes longer to start) is recorded and the next one runs; the
-    report writes <card>-<date>.json and prints BENCHMARKS.md's rows."""
+    collects the gpu tests). A stage out of time (here load-int8, given 5 s: its child process alone takes longer
+    to start) is recorded and the next one runs; the report writes <card>-<date>.json and prints BENCHMARKS.md's
+    rows."""
     import os
 
     env = {**os.environ, "PYTHON": sys.executable, "BUDGET_load_int8": "5"}
@@ -73,3 +74,32 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     out = run.stdout
     assert "| CPU | " in out and "| images | paper |" in out and "| int8 | images |" in out and "| cpu | none |" in out
     assert "load-int8      timeout" in out
+
+
+def test_gpu_report_of_a_check_stopped_early(tmp_path):
+    """What a GPU run that ran out of time leaves: pytest's log without its summary, the benchmark's JSON without
+    the quantized configurations. The report says which tests passed or failed and which targets were met, missed
+    or not measured, and prints the rows it has."""
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import gpu_report
+
+    (tmp_path / "pytest-gpu.log").write_text(
+        "tests/test_gpu.py::test_graphs_replay PASSED [ 10%]\ntests/test_gpu.py::test_media_ahead FAILED [ 20%]\n")
+    (tmp_path / "stages.jsonl").write_text(json.dumps({"stage": "pytest-gpu", "status": "timeout"}) + "\n")
+    row = dict(config="fast", set="images", mode="paper", seconds=9.5, estimated=False, decode_ms_per_step=8.4,
+               peak_gib=19.0)
+    bench = {"environment": {"card": "NVIDIA H200", "date": "2026-12-01T10:00:00", "commit": "abc1234"},
+             "fast_dtype": "bfloat16", "results": [row, dict(row, config="baseline", seconds=114.0, estimated=True)],
+             "fidelity": {"images": dict(records=32, equal=20, first_token_equal=31, mean_common_prefix=30.0)}}
+    (tmp_path / "benchmark.json").write_text(json.dumps(bench))
+    summary = gpu_report.pytest_summary(tmp_path)
+    assert summary["failed"] == ["tests/test_gpu.py::test_media_ahead"] and "2 tests reported" in summary["summary"]
+    assert gpu_report.speed_rows(bench, "NVIDIA H200", "2026-12-01", "abc1234") == [
+        "| NVIDIA H200 | 2026-12-01 | abc1234 | images | paper | 9.50 | ~114.00 | 12.0× | 8.4 | 19.0 |"]
+    targets = gpu_report.targets(bench, [])
+    assert "image set, paper decoding, model s: 9.50 (target <= 10.0): met" in targets
+    assert "a 16 x 5-beam step, ms: 8.40 (target <= 8.0): missed" in targets
+    assert "peak GiB, int8: — (target <= 12.0): not measured" in targets
+    assert gpu_report.main(["--work", str(tmp_path), "--results", str(tmp_path / "results")]) == 0
+    assert json.loads((tmp_path / "results" / "nvidia-h200-2026-12-01.json").read_text())["stages"][0]["status"] \
+        == "timeout"

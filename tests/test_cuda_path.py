@@ -322,7 +322,8 @@ class Recorder:
         monkeypatch.setattr(torch.cuda, "stream", use_stream)
         monkeypatch.setattr(torch.cuda, "device", device)
         monkeypatch.setattr(torch.cuda, "synchronize", lambda d=None: record(("synchronize", torch.device(d))))
-        monkeypatch.setattr(torch.cuda, "Event", lambda **_: SimpleNamespace(record=lambda s: record(("record", s.device))))
+        event = SimpleNamespace(record=lambda s: record(("record", s.device)))
+        monkeypatch.setattr(torch.cuda, "Event", lambda **_: event)
         monkeypatch.setattr(torch.cuda, "default_generators", {1: "generator of cuda:1"}, raising=False)
         monkeypatch.setattr(torch, "Generator", lambda device=None: record(("Generator", torch.device(device))))
 
@@ -384,7 +385,8 @@ def test_the_pipeline_works_on_its_device(tiny, monkeypatch):
     pipeline.answer_batch(tiny.batch([0]))
     assert seen == [["cuda:1"]]
     monkeypatch.setattr(lynx.pipeline, "check_device", lambda device: None)
-    monkeypatch.setattr(lynx.pipeline, "build_lynx", lambda cfg, device: (seen.append(list(active)), (tiny.model, tiny.tok))[1])
+    monkeypatch.setattr(lynx.pipeline, "build_lynx",
+                        lambda cfg, device: (seen.append(list(active)), (tiny.model, tiny.tok))[1])
     monkeypatch.setattr(lynx.pipeline, "make_decoder", lambda *a: None)
     lynx.pipeline.LynxPipeline.from_config(tiny.cfg, "cuda:1")
     assert seen[-1] == ["cuda:1"]

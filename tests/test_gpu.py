@@ -49,6 +49,10 @@ def on_gpu(tiny, device="cuda", dtype=torch.bfloat16):
     return copy.deepcopy(tiny.model).to(device, dtype).eval()
 
 
+def seeded(seed: int, device="cuda") -> torch.Generator:
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 @pytest.fixture
 def replays():
     """Counts CUDA-graph replays (torch's global replay hook)."""
@@ -82,8 +86,8 @@ def test_graphs_replay_new_inputs_in_bfloat16_with_compile_and_sampling(tiny, re
             for positions in ([0, 1, 2, 3], [4, 5, 6], [7, 8, 9, 0]):
                 embeds, mask = tiny.fused(model, positions)
                 before = replays.n
-                mine = graphs.generate(embeds, mask, settings, generator=torch.Generator(device="cuda").manual_seed(7))
-                theirs = eager.generate(embeds, mask, settings, generator=torch.Generator(device="cuda").manual_seed(7))
+                mine = graphs.generate(embeds, mask, settings, generator=seeded(7))
+                theirs = eager.generate(embeds, mask, settings, generator=seeded(7))
                 assert torch.equal(mine, theirs), (mode, positions)
                 assert replays.n - before >= 8, (mode, positions, "graphs were not replayed")
             torch.manual_seed(3)  # torch's default CUDA generator: graphs draw from it too
@@ -199,8 +203,8 @@ def test_a_second_gpu(tiny, replays):
         for positions in ([0, 1, 2], [3, 4, 5, 6]):
             embeds, mask = tiny.fused(model, positions)
             before = replays.n
-            mine = decoder.generate(embeds, mask, settings, generator=torch.Generator(device="cuda:1").manual_seed(1))
-            theirs = eager.generate(embeds, mask, settings, generator=torch.Generator(device="cuda:1").manual_seed(1))
+            mine = decoder.generate(embeds, mask, settings, generator=seeded(1, "cuda:1"))
+            theirs = eager.generate(embeds, mask, settings, generator=seeded(1, "cuda:1"))
             assert torch.equal(mine, theirs) and replays.n - before >= 8
     with torch.inference_mode():
         pixels = tiny.batch([0, 1, 2]).pixel_values.pin_memory()
@@ -216,7 +220,7 @@ def test_decoder_auto_is_the_fast_decoder_on_cuda(in_fixture):
     from configs.schema import config_from_dict
     from lynx.pipeline import LynxPipeline
 
-    cfg = config_from_dict(fixture_config(decoder="auto"))
+    cfg = config_from_dict(fixture_config(decoder="auto", batch_size_test=4))  # the shapes compiled above
     pipeline = LynxPipeline.from_config(cfg, "cuda")
     decoder = pipeline.decoder
     assert isinstance(decoder, FastDecoder) and decoder.cuda_graphs and decoder.run.compiled
