@@ -13,8 +13,8 @@ import math
 import torch
 
 from configs.decoding import DecodingSettings
-from decoding.draws import drawing_from
-from decoding.graphs import capture_step_graphs
+from decoding.cuda import CudaCalls, is_out_of_memory, on_device
+from decoding.graphs import CaptureFailed, capture_step_graphs
 from decoding.llama import LlamaRunner
 from decoding.search import Search, finalize, resolve, selector
 from decoding.workspace import Workspace
@@ -27,21 +27,25 @@ class FastDecoder:
     """`generate` for Lynx's LLM on `inputs_embeds` with a fixed-size cache and graph-replayed steps.
 
     cuda_graphs (default: on CUDA) captures a step as a CUDA graph per batch shape and search settings; compile
-    (default: off) additionally compiles the per-layer code with torch.compile. prompt_len pads every prompt to that
-    many slots, inserting pads after the first prefix_len slots (Lynx: between the visual prefix and the text, where
-    they change no position and no attended token), and batch_size pads every batch to that many rows, so one graph
-    serves a whole test set. check_every: steps between checks of whether every row is done (one host sync each).
+    (default: off) additionally compiles the per-layer code with torch.compile (a string: its backend). prompt_len
+    pads every prompt to that many slots, inserting pads after the first prefix_len slots (Lynx: between the visual
+    prefix and the text, where they change no position and no attended token), and batch_size pads every batch to
+    that many rows, so one graph serves a whole test set. check_every: steps between checks of whether every row is
+    done (one host sync each). cuda: the CUDA calls of graph capture (default: those of the model's device; the
+    CPU tests pass a fake that records and replays the steps).
     """
 
-    def __init__(self, llm, tokenizer, cuda_graphs: bool | None = None, compile: bool = False,
+    def __init__(self, llm, tokenizer, cuda_graphs: bool | None = None, compile: bool | str = False,
                  prompt_len: int | None = None, batch_size: int | None = None, prefix_len: int = 0,
-                 check_every: int = 8):
+                 check_every: int = 8, cuda: CudaCalls | None = None):
         self.llm = llm
         self.pad_id, self.eos_id, self.bos_id = tokenizer.pad_id, tokenizer.eos_id, tokenizer.bos_id
         self.device = llm.lm_head.weight.device
         self.dtype = llm.lm_head.weight.dtype
-        on_cuda = self.device.type == "cuda"
-        self.cuda_graphs = on_cuda if cuda_graphs is None else (cuda_graphs and on_cuda)
+        self.cuda = cuda if cuda is not None else CudaCalls(self.device) if self.device.type == "cuda" else None
+        self.cuda_graphs = self.cuda is not None and cuda_graphs is not False
+        self.graph_rng = None  # what captured steps draw from (decoding.graphs), made at the first capture
+        self.max_rows: dict[tuple[int, int], int] = {}  # (beams, max_new_tokens): rows that fit after running out
         self.run = LlamaRunner(llm, compile=compile)
         self.prompt_len = prompt_len
         self.batch_size = batch_size
@@ -62,7 +66,15 @@ class FastDecoder:
         them: after EOS, pad (greedy, sampling) or EOS then pad (beams); T = the longest answer. `generator`: the
         sampling draws (None: the device's default generator). `rows`: pad the batch to that many rows instead of
         batch_size (a caller retrying with fewer rows after running out of memory)."""
-        return self.decode(inputs_embeds, attention_mask, self.search_for(settings), generator, rows)
+        search = self.search_for(settings)
+        rows = self._rows(inputs_embeds.shape[0], rows, search)
+        with on_device(self.device):  # what names no device lands on this one (also on a server's model thread)
+            try:
+                return self.decode(inputs_embeds, attention_mask, search, generator, rows)
+            except RuntimeError as err:  # torch.OutOfMemoryError included
+                if is_out_of_memory(err):
+                    self._out_of_memory(rows, search)
+                raise
 
     @torch.inference_mode()
     def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, s: Search,
@@ -73,15 +85,14 @@ class FastDecoder:
                                  rows if rows is not None else self.batch_size)
         ws = self._workspace(embeds.shape[0], embeds.shape[1], s.num_beams, s.max_new_tokens)
         self._prefill(ws, embeds, mask)
-        if self.cuda_graphs and s not in ws.graphs:
-            self._capture(ws, s)
+        graphs = self._graphs(ws, s, generator)  # captured at the first batch of a shape; None: step by step
         ws.reset(s)
-        graphs = ws.graphs.get(s) if self.cuda_graphs else None
         if graphs is None:
             self._search(ws, s, generator)
-        else:  # the graphs recorded draws from the default generator: it draws the generator's stream meanwhile
-            with drawing_from(generator, self.device):
-                self._search(ws, s, None, graphs)
+        else:
+            self._lend_draws(generator)
+            self._search(ws, s, self.graph_rng, graphs)
+            self._take_back_draws(generator)
         if s.num_beams > 1:
             finalize(ws, s)
         return ws.answers(s, real_rows)
@@ -168,15 +179,64 @@ class FastDecoder:
         ws.logits.copy_(self.run(self.run.embed(tokens), positions, ws.k, ws.v, slots, mask[:, None]))
         ws.step.add_(1)
 
+    # -- CUDA graphs, memory and devices
+
+    def _rows(self, real: int, rows: int | None, s: Search) -> int:
+        """The rows to decode at: the caller's `rows` or batch_size, at most what fit after running out of memory
+        with these settings; a batch with more real rows than that is refused at once (the caller retries in
+        halves) rather than failing again after a new, larger cache and capture."""
+        wanted = max(rows if rows is not None else (self.batch_size or real), real)
+        fits = self.max_rows.get((s.num_beams, s.max_new_tokens))
+        if fits is None:
+            return wanted
+        if real > fits:
+            raise torch.OutOfMemoryError(f"CUDA out of memory: {real} rows of {s.num_beams} beams did not fit on "
+                                         f"{self.device} before; at most {fits} at a time")
+        return min(wanted, fits)
+
+    def _out_of_memory(self, rows: int, s: Search) -> None:
+        """Running out of memory with `rows` rows: later batches of these settings get at most the larger half of
+        that (what the retry's halves ask for), and the cache and graphs go (the retry builds smaller ones)."""
+        key = (s.num_beams, s.max_new_tokens)
+        fits = (rows + 1) // 2
+        if fits < self.max_rows.get(key, rows):
+            self.max_rows[key] = fits
+            log.warning("out of GPU memory decoding %d rows x %d beams on %s: at most %d rows at a time from now on",
+                        rows, s.num_beams, self.device, fits)
+        self.workspace = None
+
+    def _graphs(self, ws: Workspace, s: Search, generator: torch.Generator | None) -> dict | None:
+        """The step graphs of these settings on this workspace, captured at their first use; None: decode step by
+        step (graphs off, a generator on another device, or a capture that failed)."""
+        if not self.cuda_graphs:
+            return None
+        if self.graph_rng is None:
+            self.graph_rng = self.cuda.generator()
+        if generator is not None and not self.cuda.holds(generator):
+            return None
+        if s not in ws.graphs:
+            self._capture(ws, s)
+        return ws.graphs[s]
+
     def _capture(self, ws: Workspace, s: Search) -> None:
-        """The step graphs of these settings on this workspace; if compiling or capturing fails, decode step by
-        step, uncompiled, from now on: the same tokens, only slower."""
+        """Capture the step graphs of these settings. Running out of memory is raised (the caller retries with
+        fewer rows); a capture that fails otherwise is reported and this shape decoded step by step, while other
+        shapes keep their graphs. A compile failure costs nothing here: the runner runs that shape uncompiled."""
+        rng = self.graph_rng
         try:
-            ws.graphs[s] = capture_step_graphs(ws, s, step=lambda n_keys: self._step(ws, s, n_keys),
-                                               last=lambda: selector(s)(ws, s))
-        except Exception as err:
-            log.warning("compiling or capturing the decoding step failed (%s: %s); decoding without CUDA graphs",
-                        type(err).__name__, (str(err).splitlines() or [""])[0])
-            torch.cuda.synchronize()
-            self.cuda_graphs = False
-            self.run = LlamaRunner(self.llm)
+            ws.graphs[s] = capture_step_graphs(ws, s, step=lambda n_keys: self._step(ws, s, n_keys, rng),
+                                               last=lambda: selector(s)(ws, s, rng), cuda=self.cuda, rng=rng)
+        except CaptureFailed as err:
+            log.warning("%s; decoding this shape step by step (the same tokens, slower)", err)
+            ws.graphs[s] = None
+
+    def _lend_draws(self, generator: torch.Generator | None) -> None:
+        """The graphs draw from graph_rng: it takes the state of the generator this batch draws from (torch's
+        default one on this device when none is given)..."""
+        source = generator if generator is not None else self.cuda.default_generator()
+        self.graph_rng.set_state(source.get_state())
+
+    def _take_back_draws(self, generator: torch.Generator | None) -> None:
+        """...and gives it back advanced by the draws made, as if that generator had drawn them itself."""
+        source = generator if generator is not None else self.cuda.default_generator()
+        source.set_state(self.graph_rng.get_state())

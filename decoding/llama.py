@@ -4,11 +4,16 @@ LLM needs another version of this file.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 import torch.nn.functional as F
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
+from decoding.cuda import is_out_of_memory
 from decoding.workspace import CacheDims
+
+log = logging.getLogger("lynx")
 
 
 def cache_dims(llm) -> CacheDims:
@@ -66,17 +71,29 @@ class LlamaRunner:
 
     `compile=True` compiles, for decoding steps, the two halves of a layer around attention (norms, projections,
     rotary, MLP, adapter: many small kernels fused); cache writes and attention stay eager, so no compiled code
-    mutates the cache. The prefill runs eagerly: once per batch, and its length varies.
+    mutates the cache. A string names torch.compile's backend instead of inductor (the tests use "eager"). The
+    prefill runs eagerly: once per batch, and its length varies.
+
+    Each batch shape (rows, beams) is a compiled variant of its own (`dynamic=False`: fixed shapes for CUDA
+    graphs), so a process that meets many shapes (halved batches, a server's settings) would reach Dynamo's
+    recompile limit, where `fullgraph=True` fails: the limit is raised for these calls (RECOMPILES), and a shape
+    that fails to compile anyway, for that or any other reason, runs uncompiled from then on (one warning); its
+    steps are still captured as CUDA graphs.
     """
 
-    def __init__(self, llm, compile: bool = False):
+    RECOMPILES = 64  # compiled variants per layer half: shapes x (layers with and without an adapter)
+
+    def __init__(self, llm, compile: bool | str = False):
         self.llm = llm
         self.dims = cache_dims(llm)
         self.rotary = float32_rotary(llm)
         self.qkv, self.rest = decoder_layer_qkv, decoder_layer_rest
+        self.compiled = bool(compile)
+        self.uncompiled_shapes: set[tuple[int, ...]] = set()
         if compile:
-            self.qkv = torch.compile(decoder_layer_qkv, fullgraph=True, dynamic=False)
-            self.rest = torch.compile(decoder_layer_rest, fullgraph=True, dynamic=False)
+            backend = compile if isinstance(compile, str) else "inductor"
+            self.qkv = torch.compile(decoder_layer_qkv, fullgraph=True, dynamic=False, backend=backend)
+            self.rest = torch.compile(decoder_layer_rest, fullgraph=True, dynamic=False, backend=backend)
 
     def embed(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.llm.get_input_embeddings()(tokens)
@@ -84,8 +101,24 @@ class LlamaRunner:
     def __call__(self, hidden, positions, k_caches, v_caches, slots, mask, prefill=False) -> torch.Tensor:
         """Float32 logits of `hidden` (batch, length, dim) at `positions` (prefill: of the last slot only); its keys
         and values go to `slots` of every layer's cache; `mask` (batch, 1, length, slots attended) is additive."""
+        args = (hidden, positions, k_caches, v_caches, slots, mask, prefill)
+        shape = tuple(hidden.shape)
+        if prefill or not self.compiled or shape in self.uncompiled_shapes:
+            return self.forward(decoder_layer_qkv, decoder_layer_rest, *args)
+        try:
+            with torch._dynamo.config.patch(recompile_limit=self.RECOMPILES):
+                return self.forward(self.qkv, self.rest, *args)
+        except Exception as err:  # noqa: BLE001 - whatever stops the compiler, the step itself can still run
+            if is_out_of_memory(err):
+                raise
+            failure = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        self.uncompiled_shapes.add(shape)
+        log.warning("torch.compile failed for decoding steps of shape %s (%s); that shape runs uncompiled, still "
+                    "as CUDA graphs on CUDA", "x".join(map(str, shape)), failure)
+        return self.forward(decoder_layer_qkv, decoder_layer_rest, *args)  # rewrites the same cache slots
+
+    def forward(self, qkv, rest, hidden, positions, k_caches, v_caches, slots, mask, prefill) -> torch.Tensor:
         model = self.llm.model
-        qkv, rest = (decoder_layer_qkv, decoder_layer_rest) if prefill else (self.qkv, self.rest)
         cos, sin = self.rotary(hidden, positions)
         for layer, k_cache, v_cache in zip(model.layers, k_caches, v_caches):
             q, k, v = qkv(layer, hidden, cos, sin)

@@ -6,6 +6,7 @@
 """
 from __future__ import annotations
 
+import functools
 import random
 
 import numpy as np
@@ -17,6 +18,7 @@ from dataset.batching import Batch, Collator, Item
 from dataset.media import MediaOptions, load_pixels, media_kind
 from dataset.prompt import format_prompt
 from decoding import make_decoder
+from decoding.cuda import on_device
 from errors import InputError
 from models.build import build_lynx
 
@@ -36,6 +38,16 @@ def check_device(device: str) -> None:
     index = torch.device(device).index
     if kind == "cuda" and index is not None and index >= torch.cuda.device_count():
         raise InputError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA devices")
+
+
+def on_own_device(method):
+    """The pipeline's device as the current CUDA device while `method` runs: the thread that calls it (a server's
+    model thread, a loading thread) starts on GPU 0, and calls that name no device would land there."""
+    @functools.wraps(method)
+    def wrapped(self, *args, **kwargs):
+        with on_device(self.device):
+            return method(self, *args, **kwargs)
+    return wrapped
 
 
 def seed_everything(seed: int) -> None:
@@ -64,14 +76,16 @@ class LynxPipeline:
         cfg = config if isinstance(config, LynxConfig) else load_config(config, overrides)
         device = device or default_device()
         check_device(device)
-        model, tokenizer = build_lynx(cfg, device)
-        return cls(cfg, model, tokenizer, device)
+        with on_device(device):
+            model, tokenizer = build_lynx(cfg, device)
+            return cls(cfg, model, tokenizer, device)
 
     def generator(self, seed: int) -> torch.Generator:
         """A generator for sampled decoding, on the LLM's device, seeded: `torch.manual_seed(seed)` would give the
         device's default generator the same stream."""
         return torch.Generator(device=self.model.LLM.get_input_embeddings().weight.device).manual_seed(seed)
 
+    @on_own_device
     @torch.inference_mode()
     def answer_batch(self, batch: Batch, visual: torch.Tensor | None = None, settings: DecodingSettings | None = None,
                      generator: torch.Generator | None = None, rows: int | None = None) -> list[str]:

@@ -58,14 +58,18 @@ class Processes:
 
     def join(self, requested_device: str | None) -> str:
         """Check the device and join the other processes; returns this process's device: with several processes
-        and --device cuda or unset, each one's own GPU (cuda:LOCAL_RANK)."""
+        and --device cuda or unset, each one's own GPU (cuda:LOCAL_RANK). A GPU named by number (cuda:1) becomes
+        this thread's current device, so that no CUDA call lands on GPU 0 by default."""
+        import torch
+
         from lynx.pipeline import check_device, default_device
 
         device = requested_device or default_device()
         check_device(device)
         if not self.several:
+            if torch.device(device).type == "cuda" and torch.device(device).index is not None:
+                torch.cuda.set_device(device)
             return device
-        import torch
         import torch.distributed as dist
 
         if device == "cuda":

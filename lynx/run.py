@@ -11,6 +11,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from dataset.batching import Batch, LynxEvalDataset
+from decoding.cuda import is_out_of_memory
 from errors import InputError, RecordError
 from dataset.records import Record
 from lynx.media_ahead import MediaAhead
@@ -63,15 +64,12 @@ def split_batch(batch: Batch, rows: slice, left_pad: bool) -> Batch:
     return Batch(batch.positions[rows], batch.pixel_values[rows], ids[:, cols], mask[:, cols])
 
 
-def is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
-
-
 def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure, visual: torch.Tensor | None = None,
                       rows: int | None = None, seed: int | None = None) -> list[tuple[int, str]]:
     """Answers of a batch; on running out of GPU memory, the batch is retried in halves down to one record, each
-    half decoded as a batch of its own size (`rows`: the decoder would otherwise pad it back to its fixed shape).
-    `seed`: sampled draws come from a generator seeded with it, afresh for every try and half."""
+    half decoded as a batch of its own size (`rows`: the decoder would otherwise pad it back to its fixed shape)
+    with its rows of the visual prefix, when there is one (a few MB: not worth computing again). `seed`: sampled
+    draws come from a generator seeded with it, afresh for every try and half."""
     try:
         generator = pipeline.generator(seed) if seed is not None else None
         return list(zip(batch.positions, pipeline.answer_batch(batch, visual, generator=generator, rows=rows)))
@@ -79,18 +77,18 @@ def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure, visual: 
         if not is_out_of_memory(err):
             raise
     # Retried outside the except block: the error's traceback holds the failed attempt's tensors until it ends.
-    visual = None
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
     if len(batch) == 1:
         on_failure(batch.positions[0], RecordError(None, "out of GPU memory even alone in a batch"))
         return []
-    half = len(batch) // 2
     log.warning("out of GPU memory on a batch of %d; retrying in halves", len(batch))
-    left = pipeline.cfg.use_left_pad
-    first, second = split_batch(batch, slice(0, half), left), split_batch(batch, slice(half, None), left)
-    return (answer_with_retry(pipeline, first, on_failure, rows=len(first), seed=seed)
-            + answer_with_retry(pipeline, second, on_failure, rows=len(second), seed=seed))
+    answered = []
+    for rows_of_half in (slice(0, len(batch) // 2), slice(len(batch) // 2, None)):
+        half = split_batch(batch, rows_of_half, pipeline.cfg.use_left_pad)
+        half_visual = None if visual is None else visual[rows_of_half]
+        answered += answer_with_retry(pipeline, half, on_failure, half_visual, rows=len(half), seed=seed)
+    return answered
 
 
 def with_media_ahead(loader, model) -> Iterator[tuple[Batch, torch.Tensor | None]]:

@@ -25,6 +25,8 @@ from typing import Callable
 
 import torch
 
+from decoding.cuda import is_out_of_memory
+
 log = logging.getLogger("lynx.server")
 
 
@@ -57,10 +59,6 @@ class Work:
     @property
     def key(self):
         return (self.kind, self.settings, self.shape, id(self) if self.alone else None)
-
-
-def is_out_of_memory(err: BaseException) -> bool:
-    return isinstance(err, torch.OutOfMemoryError) or "out of memory" in str(err).lower()
 
 
 @dataclass
