@@ -61,6 +61,22 @@ def build_tiny_lynx(**overrides):
     return cfg, model, tokenizer
 
 
+def image_batcher(cfg, tokenizer):
+    """`batch(positions)`: the fixture's image records at those positions, collated (left-padded) into a Batch."""
+    from dataset.batching import Collator, LynxEvalDataset
+    from dataset.records import read_jsonl
+
+    cwd = os.getcwd()
+    os.chdir(FIXTURE)
+    try:
+        records = read_jsonl("./data/Open_VQA_images_tiny.jsonl")
+        dataset = LynxEvalDataset(records, cfg, tokenizer)
+        items = [dataset[p] for p in range(len(records))]
+    finally:
+        os.chdir(cwd)
+    return lambda positions: Collator(tokenizer.pad_id, True)([items[p] for p in positions])
+
+
 @pytest.fixture
 def in_fixture(monkeypatch):
     """Run a test from the fixture root, where the relative paths of its config and jsonl resolve."""

@@ -10,11 +10,9 @@ import pytest
 import torch
 from transformers import LlamaConfig
 
-from conftest import FIXTURE, build_tiny_lynx
+from conftest import build_tiny_lynx, image_batcher
 from cuda_fakes import FakeCuda, FakeStream
 from configs.decoding import DecodingSettings
-from dataset.batching import Collator, LynxEvalDataset
-from dataset.records import read_jsonl
 from decoding import FastDecoder
 from decoding.cuda import CudaCalls
 from decoding.graphs import CaptureFailed, captured
@@ -30,13 +28,7 @@ OOM = "CUDA out of memory. Tried to allocate 2.00 GiB (simulated)"
 def tiny(tmp_path_factory):
     """The fixture's model; `batch(positions)` collates image records, `fused(positions)` gives (embeds, mask)."""
     cfg, model, tokenizer = build_tiny_lynx()
-    with contextlib.chdir(FIXTURE):
-        records = read_jsonl("./data/Open_VQA_images_tiny.jsonl")
-        dataset = LynxEvalDataset(records, cfg, tokenizer)
-        items = [dataset[p] for p in range(len(records))]
-
-    def batch(positions):
-        return Collator(tokenizer.pad_id, True)([items[p] for p in positions])
+    batch = image_batcher(cfg, tokenizer)
 
     def fused(positions):
         b = batch(positions)

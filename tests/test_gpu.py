@@ -2,7 +2,6 @@
 tests of the same mechanisms are in tests/test_cuda_path.py): graphs captured and replayed on other inputs than the
 capture's, in bfloat16 with torch.compile and sampling; shapes past Dynamo's recompile limit; a capture that fails
 and what it leaves behind; the visual prefix computed ahead; a second GPU; the factory's choice on CUDA."""
-import contextlib
 import copy
 import gc
 import logging
@@ -12,10 +11,8 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from conftest import FIXTURE, build_tiny_lynx, fixture_config
+from conftest import build_tiny_lynx, fixture_config, image_batcher
 from configs.decoding import DecodingSettings
-from dataset.batching import Collator, LynxEvalDataset
-from dataset.records import read_jsonl
 from decoding import FastDecoder
 from decoding.llama import LlamaRunner
 
@@ -27,13 +24,7 @@ def tiny():
     """The fixture's model on the CPU (float32), its records' pixels and prompts; `fused(model, positions)`."""
     assert torch.cuda.is_available(), "tests marked gpu need a CUDA device"
     cfg, model, tokenizer = build_tiny_lynx()
-    with contextlib.chdir(FIXTURE):
-        records = read_jsonl("./data/Open_VQA_images_tiny.jsonl")
-        dataset = LynxEvalDataset(records, cfg, tokenizer)
-        items = [dataset[p] for p in range(len(records))]
-
-    def batch(positions):
-        return Collator(tokenizer.pad_id, True)([items[p] for p in positions])
+    batch = image_batcher(cfg, tokenizer)
 
     def fused(on, positions):
         b = batch(positions)
