@@ -376,12 +376,16 @@ class FakePipeline:
     def __init__(self, left_pad: bool, fits: int, always_fails=(), error=torch.OutOfMemoryError):
         self.cfg = type("Cfg", (), {"use_left_pad": left_pad})()
         self.fits, self.always_fails, self.error = fits, set(always_fails), error
-        self.seen, self.rows = [], []
+        self.seen, self.rows, self.draws = [], [], []
         self.retried_inside_except = False
 
-    def answer_batch(self, batch, visual=None, rows=None):
+    def generator(self, seed):
+        return torch.Generator().manual_seed(seed)
+
+    def answer_batch(self, batch, visual=None, generator=None, rows=None):
         self.seen.append(batch)
         self.rows.append(rows)
+        self.draws.append(None if generator is None else torch.rand(2, generator=generator).tolist())
         # a retry made while the previous error is being handled keeps that attempt's tensors alive
         self.retried_inside_except |= sys.exc_info()[0] is not None
         if len(batch) > self.fits or self.always_fails & set(batch.positions):
@@ -407,7 +411,7 @@ def test_out_of_memory_retries_in_halves_trimmed_as_collated(left_pad, error):
     collate = Collator(pad_id=0, left_pad=left_pad)
     pipeline = FakePipeline(left_pad, fits=1, always_fails=[3], error=error)
     failures = []
-    answers = answer_with_retry(pipeline, collate(items(lengths)), lambda p, e: failures.append((p, e)))
+    answers = answer_with_retry(pipeline, collate(items(lengths)), lambda p, e: failures.append((p, e)), seed=7)
 
     assert answers == [(0, "answer 0"), (1, "answer 1"), (2, "answer 2"), (4, "answer 4")]
     assert [(p, e.reason) for p, e in failures] == [(3, "out of GPU memory even alone in a batch")]
@@ -417,6 +421,8 @@ def test_out_of_memory_retries_in_halves_trimmed_as_collated(left_pad, error):
     assert pipeline.rows == [None] + [len(positions) for positions in tried[1:]]  # halves decode at their own size
     for batch, positions in zip(pipeline.seen, tried):
         assert same_batch(batch, collate([items(lengths)[p] for p in positions])), positions
+    # every try and every half draws from a fresh generator seeded with the batch's seed
+    assert pipeline.draws == [torch.rand(2, generator=torch.Generator().manual_seed(7)).tolist()] * len(tried)
 
 
 def test_other_runtime_errors_are_not_retried():
