@@ -85,8 +85,10 @@ def test_interrupted_run_resumes_to_the_same_bytes(tmp_path, in_fixture, monkeyp
     output = tmp_path / "answers.jsonl"
     partial = tmp_path / "answers.jsonl.partial.jsonl"
     with open(tmp_path / "stdout.txt", "w") as out, open(tmp_path / "stderr.txt", "w") as err:
+        # SIGINT as a terminal's Ctrl-C delivers it: a launcher that runs the tests in the background (nohup, `&`
+        # without job control) passes SIGINT on ignored, and the run would then rightly not stop
         proc = subprocess.Popen([sys.executable, str(ROOT / "generate.py"), *args], cwd=FIXTURE, stdout=out,
-                                stderr=err)
+                                stderr=err, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         try:
             deadline = time.monotonic() + 300  # a guard against a hang, not a measure
             while answered(partial) < 1:
