@@ -45,6 +45,38 @@ def run_generate(cfg: dict, tmp_path: Path, *extra: str, output: Path | None = N
     return subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
 
 
+def run_main(cfg: dict, tmp_path: Path, *extra: str, output: Path | None = None) -> int:
+    """generate.py's main in this process on `cfg` (written to tmp_path/config.yaml); returns the exit status."""
+    import generate
+
+    cfg_path = tmp_path / "config.yaml"
+    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
+    output = tmp_path / "answers.jsonl" if output is None else output  # "" is a case of its own
+    return generate.main(["--config", str(cfg_path), "--output_path", str(output), "--device", "cpu",
+                          "--seed", "42", *extra])
+
+
+def one_line_error(capsys) -> str:
+    """The one `error: ` line a run printed, asserting there was exactly one and no traceback."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    lines = [line for line in err.splitlines() if line.startswith("error: ")]
+    assert len(lines) == 1, err
+    return lines[0]
+
+
+def batch_inputs(kind: str, b: int) -> dict:
+    """What the original's `LLM.generate` received for batch b of the sampling fixture (kind: images, videos)."""
+    import torch
+
+    return torch.load(FIXTURE / "expected" / "sampling" / f"{kind}_batch{b}_inputs.pt", weights_only=True)
+
+
+def saved_rows(saved: dict, key: str, b: int) -> list:
+    """The rows of `saved[key]` that belong to batch b."""
+    return [row for row, batch in zip(saved[key], saved["batch"]) if batch == b]
+
+
 def build_tiny_lynx(**overrides):
     """(config, model, tokenizer) of the fixture with keys replaced, built from the fixture root where its
     relative paths resolve."""

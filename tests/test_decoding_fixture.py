@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import decoding.search
-from conftest import FIXTURE, build_tiny_lynx
+from conftest import FIXTURE, batch_inputs, build_tiny_lynx, saved_rows
 from decoding import FastDecoder
 from decoding.draws import exponential_race
 from reference_428 import answer_ids, settings_from_kwargs
@@ -29,12 +29,8 @@ def decoder():
     torch.set_num_threads(threads)
 
 
-def batch_inputs(kind: str, b: int) -> dict:
-    return torch.load(EXPECTED / "sampling" / f"{kind}_batch{b}_inputs.pt", weights_only=True)
 
 
-def saved_rows(saved: dict, key: str, b: int) -> list:
-    return [row for row, batch in zip(saved[key], saved["batch"]) if batch == b]
 
 
 def decode(decoder, inputs: dict, settings, seed: int | None = None) -> torch.Tensor:

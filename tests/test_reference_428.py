@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from configs.decoding import DecodingSettings
-from conftest import FIXTURE, build_tiny_lynx
+from conftest import FIXTURE, batch_inputs, build_tiny_lynx, saved_rows
 from reference_428 import answer_ids, llm_logits, reference_generate, settings_from_kwargs
 
 EXPECTED = FIXTURE / "expected"
@@ -26,8 +26,6 @@ def llm():
     torch.set_num_threads(threads)
 
 
-def batch_inputs(kind: str, b: int) -> dict:
-    return torch.load(EXPECTED / "sampling" / f"{kind}_batch{b}_inputs.pt", weights_only=True)
 
 
 def run(llm, inputs: dict, settings: DecodingSettings) -> torch.Tensor:
@@ -35,8 +33,6 @@ def run(llm, inputs: dict, settings: DecodingSettings) -> torch.Tensor:
     return reference_generate(logits, len(inputs["attention_mask"]), settings, eos_id=EOS, pad_id=PAD)
 
 
-def saved_rows(saved: dict, key: str, b: int) -> list:
-    return [row for row, batch in zip(saved[key], saved["batch"]) if batch == b]
 
 
 # ---- the original's outputs ----

@@ -22,18 +22,11 @@ from dataset.batching import Collator, Item
 from lynx.pipeline import LynxPipeline
 from lynx.resumable import ResumableRun
 from lynx.run import Progress, answer_with_retry
-from tests.conftest import FIXTURE, fixture_config, read_jsonl
+from tests.conftest import FIXTURE, fixture_config, one_line_error, read_jsonl, run_main
 
 IMAGES_JSONL = FIXTURE / "data" / "Open_VQA_images_tiny.jsonl"
 
 
-def run_main(cfg: dict, tmp_path, *extra: str, output=None) -> int:
-    """generate.py's main on `cfg` (written to tmp_path/config.yaml); returns the exit status."""
-    cfg_path = tmp_path / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    output = output or tmp_path / "answers.jsonl"
-    return generate.main(["--config", str(cfg_path), "--output_path", str(output), "--device", "cpu",
-                          "--seed", "42", *extra])
 
 
 def write_jsonl(path, rows) -> str:
@@ -61,12 +54,6 @@ def no_weights_loaded(monkeypatch):
     monkeypatch.setattr(models.build, "materialise", refuse)
 
 
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 # ---------------------------------------------------------------- run-level problems: exit 1, one line, no traceback

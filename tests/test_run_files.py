@@ -24,7 +24,7 @@ import lynx.resumable
 from configs.schema import config_from_dict
 from lynx.pipeline import LynxPipeline
 from lynx.resumable import run_fingerprint
-from tests.conftest import FIXTURE, ROOT, fixture_config, read_jsonl
+from tests.conftest import FIXTURE, ROOT, fixture_config, one_line_error, read_jsonl, run_main
 
 IMAGES_JSONL = FIXTURE / "data" / "Open_VQA_images_tiny.jsonl"
 EXPECTED = FIXTURE / "expected" / "images_greedy.jsonl"  # the bytes a run of the fixture config writes
@@ -38,20 +38,8 @@ def shipped(**overrides) -> dict:
     return cfg
 
 
-def run_main(cfg: dict, tmp_path, *extra: str, output=None) -> int:
-    cfg_path = tmp_path / "config.yaml"
-    cfg_path.write_text(yaml.safe_dump(cfg, sort_keys=False))
-    output = tmp_path / "answers.jsonl" if output is None else output
-    return generate.main(["--config", str(cfg_path), "--output_path", str(output), "--device", "cpu",
-                          "--seed", "42", *extra])
 
 
-def one_line_error(capsys) -> str:
-    err = capsys.readouterr().err
-    assert "Traceback" not in err
-    lines = [line for line in err.splitlines() if line.startswith("error: ")]
-    assert len(lines) == 1, err
-    return lines[0]
 
 
 @pytest.fixture
@@ -370,13 +358,18 @@ def test_other_weight_files_change_the_fingerprint(tmp_path, in_fixture, which, 
     settings = {key: str(path) for key, path in paths.items()}
     before = fingerprint_of(**settings)
     changed = paths[which] / "pytorch_model.bin" if which == "llm_path" else paths[which]
-    if how == "date":
-        stat = changed.stat()
-        os.utime(changed, (stat.st_atime, stat.st_mtime + 10))
-    else:
-        with open(changed, "ab") as f:
-            f.write(b"\0")
+    touch(changed, how)
     assert fingerprint_of(**settings) != before
+
+
+def touch(path, how: str) -> None:
+    """Change a file as a new copy of it would: its date ("date") or its size ("size")."""
+    if how == "date":
+        stat = path.stat()
+        os.utime(path, (stat.st_atime, stat.st_mtime + 10))
+    else:
+        with open(path, "ab") as f:
+            f.write(b"\0")
 
 
 def test_the_worker_count_does_not_change_the_fingerprint(in_fixture):
@@ -431,10 +424,5 @@ def test_a_converted_folder_changes_the_fingerprint(tmp_path, in_fixture, how):
     weights = folder / "model.safetensors"
     weights.write_bytes(b"\0" * 64)
     before = fingerprint_of(converted=str(folder))
-    if how == "date":
-        stat = weights.stat()
-        os.utime(weights, (stat.st_atime, stat.st_mtime + 10))
-    else:
-        with open(weights, "ab") as f:
-            f.write(b"\0")
+    touch(weights, how)
     assert fingerprint_of(converted=str(folder)) != before
