@@ -1,4 +1,5 @@
-"""The two kinds of bad input, importable from every package: a run-level problem, and one record's problem."""
+"""The two kinds of bad input, importable from every package: a run-level problem, and one record's problem; and
+how an error is told in one line."""
 
 
 class InputError(Exception):
@@ -19,3 +20,14 @@ class RecordError(Exception):
 
     def __reduce__(self):
         return type(self), (self.index, self.reason, self.path)
+
+
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message ('' when it has none)."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else ""
+
+
+def described(err: BaseException) -> str:
+    """`Type: first line of the message`: an unexpected failure told in one line."""
+    return f"{type(err).__name__}: {first_line(err)}"

@@ -40,6 +40,7 @@ from timing import Replays, Runner  # noqa: E402
 
 from configs.decoding import DecodingSettings  # noqa: E402
 from decoding import make_decoder  # noqa: E402
+from errors import described  # noqa: E402
 from models.lynx import Lynx  # noqa: E402
 from models.quantize import quantization_targets, quantize_model  # noqa: E402
 
@@ -93,7 +94,7 @@ def run_config(name: str, runner: Runner, work: dict, modes: list[tuple[str, int
         for set_name, batches in work.items():
             measured = batches_for(batches, limit_records, cfg.batch_size_test)
             split_batches = batches_for(measured, args.split_limit, cfg.batch_size_test)
-            full = next(b for b in batches if len(b) == max(len(x) for x in batches))
+            full = max(batches, key=len)
             sync(args.device)
             start = time.perf_counter()
             runner.answer(full, settings).tolist()  # warm-up: a full batch, full length
@@ -203,7 +204,7 @@ class Report:
         self.write()
 
     def failed(self, config: str, err: BaseException) -> None:
-        line = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+        line = described(err)
         print(f"  {config} failed: {line}", flush=True)
         self.data.setdefault("failures", []).append({"config": config, "error": line})
         self.write()
@@ -245,7 +246,6 @@ def run_quantized(model: Lynx, cfg, args, work: dict, token_ids, report: Report,
         for key, linear in targets.items():
             linear.weight = torch.nn.Parameter(kept[key].to(args.device), requires_grad=False)
         free(args.device)
-    report.write()
 
 
 def main(argv=None) -> int:

@@ -26,8 +26,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "tests"))
+sys.path[:0] = [str(ROOT), str(ROOT / "tests")]
 
+from dataset.records import read_json_lines  # noqa: E402  (torch-free)
 from serve_helpers import Server  # noqa: E402
 
 
@@ -48,7 +49,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def requests_of(args) -> list[dict]:
     """Chat requests pairing the Open-VQA questions with the images, in a fixed order."""
-    questions = [json.loads(line)["question"] for line in open(args.questions, encoding="utf-8") if line.strip()]
+    questions = [row["question"] for _, row in read_json_lines(args.questions)]
     images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
     urls = [f"data:image/{'png' if p.suffix == '.png' else 'jpeg'};base64,{base64.b64encode(p.read_bytes()).decode()}"
             for p in images]

@@ -3,7 +3,6 @@ Lynx of LYNX.yaml's dimensions (or the parity fixture's, --tiny) with random wei
 float32 and bfloat16 models hold the same numbers; and the CPU time of decoding the sets' media."""
 from __future__ import annotations
 
-import json
 import os
 import re
 import sys
@@ -17,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs.schema import config_from_dict, load_config  # noqa: E402
+from dataset.records import read_json_lines  # noqa: E402
 from models.lynx import Lynx, LynxLlamaForCausalLM, vit_chunk_for  # noqa: E402
 
 SETS = {"images": ("data/Open_VQA_images.jsonl", "image"), "videos": ("data/Open_VQA_videos.jsonl", "video")}
@@ -49,9 +49,7 @@ def prompt_tokens(question: str, template: str, max_tokens: int) -> int:
 
 
 def read_questions(name: str, limit: int | None) -> list[str]:
-    path = ROOT / SETS[name][0]
-    with open(path, encoding="utf-8") as f:
-        questions = [json.loads(line)["question"] for line in f if line.strip()]
+    questions = [row["question"] for _, row in read_json_lines(ROOT / SETS[name][0])]
     return questions[:limit] if limit else questions
 
 
@@ -154,10 +152,15 @@ def media_decode_seconds(cfg, kind: str, records: int, samples: int = 6) -> floa
     import numpy as np
     from PIL import Image
 
-    from dataset.media import image_transform, open_image, pixels_of_frames
-    from dataset.video import load_video_frames
+    from dataset.media import MediaOptions, load_pixels
 
-    transform = image_transform(cfg.image_res, cfg.image_mean, cfg.image_std)
+    if kind == "videos":
+        try:
+            sys.path.insert(0, str(ROOT / "tests"))
+            from video_helpers import write_test_video
+        except ImportError:
+            return None
+    options = MediaOptions.from_config(cfg)
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
@@ -169,20 +172,12 @@ def media_decode_seconds(cfg, kind: str, records: int, samples: int = 6) -> floa
                 paths.append(os.path.join(tmp, f"{i}.jpg"))
                 Image.fromarray(noisy).save(paths[-1], quality=90)
             else:
-                try:
-                    sys.path.insert(0, str(ROOT / "tests"))
-                    from video_helpers import write_test_video
-                except ImportError:
-                    return None
                 small = noisy[::2, ::2]
                 paths.append(os.path.join(tmp, f"{i}.mp4"))
                 write_test_video(paths[-1], [np.roll(small, 4 * f, axis=1) for f in range(48)], size=(320, 240))
         start = time.perf_counter()
         for path in paths:
-            if kind == "images":
-                transform(open_image(path))
-            else:
-                pixels_of_frames(load_video_frames(path, cfg.data.num_frames), transform)
+            load_pixels(path, SETS[kind][1], options)
         per_record = (time.perf_counter() - start) / len(paths)
     return per_record * records
 

@@ -123,7 +123,7 @@ class LynxConfig:
     def vit_dims(self) -> VitConfig:
         return self.vit if self.vit is not None else VitConfig(**VIT_PRESETS[self.vision_encoder])
 
-    def resolve_decoder(self, device: str) -> str:
+    def resolve_decoder(self) -> str:
         """`auto` is Lynx's own decoder on every device: it follows the original's decoding rules."""
         return "fast" if self.decoder == "auto" else self.decoder
 

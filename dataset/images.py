@@ -16,7 +16,7 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from errors import RecordError
+from errors import RecordError, first_line
 
 # PIL's own decompression-bomb threshold (it warns above this and refuses at twice this): about 89.5 megapixels,
 # i.e. 268 MB of RGB pixels per image, per DataLoader worker.
@@ -121,5 +121,4 @@ def _looks_like_path(spec: str) -> bool:
 
 
 def _first_line(err: BaseException) -> str:
-    lines = str(err).strip().splitlines()
-    return lines[0] if lines else type(err).__name__
+    return first_line(err) or type(err).__name__

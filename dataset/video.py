@@ -18,7 +18,7 @@ from PIL import Image
 
 from configs.schema import FRAME_SAMPLING
 from dataset.images import MAX_IMAGE_PIXELS, ImageProblem, decode_base64, rgb_image
-from errors import RecordError
+from errors import RecordError, first_line
 
 
 def _segment_lengths(num_source_frames, num_frames):
@@ -160,7 +160,4 @@ def _frame(value, position, index, path, max_pixels):
 
 def _first_line(exc):
     """First line of an error message, without the '[12:00:00] src/file.cc:83: ' prefix decord logs with."""
-    lines = str(exc).strip().splitlines()
-    if not lines:
-        return type(exc).__name__
-    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", lines[0])
+    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", first_line(exc) or type(exc).__name__)

@@ -34,7 +34,7 @@ def make_decoder(cfg, llm, tokenizer, device: str, compile: bool | None = None) 
     fast decoder pads prompts to num_bridge_tokens + max_input_tokens and batches to batch_size_test, so one CUDA
     graph serves every batch, and compiles its layers (`compile`: override). On the CPU it keeps each batch's own
     shape, so seeded draws are the original's. tokenizer: anything with pad_id, bos_id and eos_id."""
-    if cfg.resolve_decoder(device) != "fast":
+    if cfg.resolve_decoder() != "fast":
         return HFDecoder(llm, tokenizer)
     if not str(device).startswith("cuda"):
         return FastDecoder(llm, tokenizer, prefix_len=cfg.num_bridge_tokens)

@@ -31,10 +31,22 @@ def exponential_race(probs: torch.Tensor, n: int, generator: torch.Generator | N
 
 
 @contextmanager
+def lending(source: torch.Generator, borrower: torch.Generator):
+    """For the duration, `borrower` draws `source`'s stream; afterwards `source` continues where the draws stopped
+    and `borrower` is as it was. For code that can only draw from a generator of its own: transformers' `generate`
+    draws from the device's default generator, captured CUDA graphs from the generator registered with them."""
+    saved = borrower.get_state()
+    borrower.set_state(source.get_state())
+    try:
+        yield
+    finally:
+        source.set_state(borrower.get_state())
+        borrower.set_state(saved)
+
+
+@contextmanager
 def drawing_from(generator: torch.Generator | None, device: torch.device):
-    """For the duration, `device`'s default generator draws `generator`'s stream; afterwards `generator` continues
-    where the draws stopped and the default generator is as it was. For code that can only draw from the default
-    generator: transformers' `generate`, and CUDA graphs, which record draws from the default CUDA generator."""
+    """`device`'s default generator draws `generator`'s stream for the duration (see `lending`)."""
     if generator is None:
         yield
         return
@@ -43,13 +55,8 @@ def drawing_from(generator: torch.Generator | None, device: torch.device):
         raise ValueError(f"a generator on {generator.device} cannot draw for {device}: make it on {device}")
     if device.type == "cuda":
         index = device.index if device.index is not None else torch.cuda.current_device()
-        get, set_ = (lambda: torch.cuda.get_rng_state(index)), (lambda state: torch.cuda.set_rng_state(state, index))
+        default = torch.cuda.default_generators[index]
     else:
-        get, set_ = torch.get_rng_state, torch.set_rng_state
-    saved = get()
-    set_(generator.get_state())
-    try:
+        default = torch.default_generator
+    with lending(generator, default):
         yield
-    finally:
-        generator.set_state(get())
-        set_(saved)

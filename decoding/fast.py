@@ -14,6 +14,7 @@ import torch
 
 from configs.decoding import DecodingSettings
 from decoding.cuda import CudaCalls, is_out_of_memory, on_device
+from decoding.draws import lending
 from decoding.graphs import CaptureFailed, capture_step_graphs
 from decoding.llama import LlamaRunner
 from decoding.search import Search, finalize, resolve, selector
@@ -89,10 +90,9 @@ class FastDecoder:
         ws.reset(s)
         if graphs is None:
             self._search(ws, s, generator)
-        else:
-            self._lend_draws(generator)
-            self._search(ws, s, self.graph_rng, graphs)
-            self._take_back_draws(generator)
+        else:  # the graphs draw from graph_rng, lent the state of the batch's generator (or the device's default)
+            with lending(generator if generator is not None else self.cuda.default_generator(), self.graph_rng):
+                self._search(ws, s, None, graphs)
         if s.num_beams > 1:
             finalize(ws, s)
         return ws.answers(s, real_rows)
@@ -229,14 +229,3 @@ class FastDecoder:
         except CaptureFailed as err:
             log.warning("%s; decoding this shape step by step (the same tokens, slower)", err)
             ws.graphs[s] = None
-
-    def _lend_draws(self, generator: torch.Generator | None) -> None:
-        """The graphs draw from graph_rng: it takes the state of the generator this batch draws from (torch's
-        default one on this device when none is given)..."""
-        source = generator if generator is not None else self.cuda.default_generator()
-        self.graph_rng.set_state(source.get_state())
-
-    def _take_back_draws(self, generator: torch.Generator | None) -> None:
-        """...and gives it back advanced by the draws made, as if that generator had drawn them itself."""
-        source = generator if generator is not None else self.cuda.default_generator()
-        source.set_state(self.graph_rng.get_state())

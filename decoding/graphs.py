@@ -22,6 +22,7 @@ from collections.abc import Callable
 from decoding.cuda import CudaCalls, is_out_of_memory
 from decoding.search import Search
 from decoding.workspace import Workspace
+from errors import described
 
 
 class CaptureFailed(RuntimeError):
@@ -40,7 +41,7 @@ def capture_step_graphs(ws: Workspace, s: Search, step: Callable[[int], None], l
     side.wait_stream(cuda.current_stream())
     with cuda.use(side):  # warm-up: compile, pick kernels, allocate workspaces
         for _ in range(2):
-            for n_keys in widths[:s.max_new_tokens - 1]:  # the step counter must stay below max_new_tokens
+            for n_keys in widths:  # one step per width: the step counter stays below max_new_tokens
                 step(n_keys)
             ws.reset(s)
         last()
@@ -87,6 +88,5 @@ def captured(graph, cuda: CudaCalls, stream, pool, shape: str):
 def raise_as_capture_failure(failure: BaseException, shape: str):
     if is_out_of_memory(failure) or not isinstance(failure, Exception):
         raise failure
-    first_line = (str(failure).strip().splitlines() or [""])[0]
     raise CaptureFailed(f"capturing the decoding step of {shape} as a CUDA graph failed "
-                        f"({type(failure).__name__}: {first_line})") from failure
+                        f"({described(failure)})") from failure

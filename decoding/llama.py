@@ -12,6 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 from decoding.cuda import is_out_of_memory
 from decoding.workspace import CacheDims
+from errors import described
 
 log = logging.getLogger("lynx")
 
@@ -111,7 +112,7 @@ class LlamaRunner:
         except Exception as err:  # noqa: BLE001 - whatever stops the compiler, the step itself can still run
             if is_out_of_memory(err):
                 raise
-            failure = f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0]}"
+            failure = described(err)
         self.uncompiled_shapes.add(shape)
         log.warning("torch.compile failed for decoding steps of shape %s (%s); that shape runs uncompiled, still "
                     "as CUDA graphs on CUDA", "x".join(map(str, shape)), failure)

@@ -118,11 +118,13 @@ def candidates(ws: Workspace, s: Search, generator=None):
 
 
 def add_hypotheses(ws: Workspace, s: Search, take: torch.Tensor, tokens: torch.Tensor, n_tokens,
-                   sums: torch.Tensor, length, order) -> None:
+                   sums: torch.Tensor, rank: int) -> None:
     """4.28's BeamHypotheses.add for every prompt where `take` (b,): `tokens` (b, max_new), the first `n_tokens`
-    real, summed log-probs `sums` (b,), scored sums / length ** length_penalty in float64. A prompt keeps num_beams
-    hypotheses; when full, a new one must beat the worst, which it replaces (the earliest added among equal worst).
-    `order` numbers the additions, for ties."""
+    real, summed log-probs `sums` (b,), scored sums / L ** length_penalty in float64, L = n_tokens + 1 (the
+    placeholder counts). A prompt keeps num_beams hypotheses; when full, a new one must beat the worst, which it
+    replaces (the earliest added among equal worst). `rank`: the candidate's (or beam's) place among those added at
+    this length, so additions are numbered n_tokens * num_beams + rank, for ties."""
+    length, order = n_tokens + 1, n_tokens * ws.beams + rank
     used = ws.hyp_used
     score = sums.double() / ws.penalty(s.length_penalty).index_select(0, torch.as_tensor(length).view(1))
     full = used.all(dim=-1)
@@ -152,7 +154,7 @@ def select_beams(ws: Workspace, s: Search, generator=None) -> None:
     # an EOS among the first num_beams candidates: a hypothesis of the tokens before it, one after another
     for rank in range(k):
         before = ws.seqs.gather(1, source[:, rank].view(b, 1, 1).expand(b, 1, t))[:, 0]
-        add_hypotheses(ws, s, active & is_eos[:, rank], before, i, top[:, rank], i + 1, i * k + rank)
+        add_hypotheses(ws, s, active & is_eos[:, rank], before, i, top[:, rank], rank)
 
     # the first num_beams candidates that are not EOS run on; a prompt done before: pad on beam 0, score 0 (4.28)
     rank = torch.arange(2 * k, device=ids.device)
@@ -185,7 +187,7 @@ def finalize(ws: Workspace, s: Search) -> None:
     k, t = ws.beams, s.max_new_tokens
     open_prompts = ~ws.prompt_done
     for beam in range(k):
-        add_hypotheses(ws, s, open_prompts, ws.seqs[:, beam], t, ws.scores[:, beam], t + 1, t * k + beam)
+        add_hypotheses(ws, s, open_prompts, ws.seqs[:, beam], t, ws.scores[:, beam], beam)
 
 
 def selector(s: Search):

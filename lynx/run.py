@@ -116,7 +116,6 @@ def _submit(ahead: MediaAhead, batch: Batch | None) -> bool:
     except RuntimeError as err:
         if not is_out_of_memory(err):
             raise
-        ahead.pending = None
         return False
     return True
 

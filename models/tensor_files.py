@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from errors import InputError
+from errors import InputError, described
 from models.weight_files import WEIGHT_SOURCES
 
 CHUNK = 32 << 20  # bytes read at once when a tensor changes dtype or device on its way from the file
@@ -79,8 +79,7 @@ def open_weight_file(path: str, what: str, mapped: bool = False):
             f".safetensors."
         ) from None
     except Exception as err:  # truncated or not a weight file at all
-        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
-        raise InputError(f"{path}: cannot read this weight file ({type(err).__name__}: {first})") from None
+        raise InputError(f"{path}: cannot read this weight file ({described(err)})") from None
     if not isinstance(content, dict):
         raise InputError(f"{path}: expected a dict of tensors, found {type(content).__name__}")
     return content
@@ -126,7 +125,7 @@ def _safetensors_entries(path: str, mapped: bool) -> dict:
             _read_into(out, path, begin, dtype)
 
         def make(device, out_dtype):
-            if mapped and device.type == "cpu" and out_dtype == dtype and begin % _itemsize(dtype) == 0:
+            if mapped and device.type == "cpu" and out_dtype == dtype and begin % dtype.itemsize == 0:
                 if storage[0] is None:
                     storage[0] = torch.UntypedStorage.from_file(path, False, size)
                 flat = torch.empty(0, dtype=torch.uint8).set_(storage[0], begin, (end - begin,), (1,))
@@ -147,12 +146,12 @@ def _torch_entries(path: str):
     with open(path, "rb") as f:
         is_zip = torch.serialization._is_zipfile(f)
     if not is_zip:  # the legacy format has no index of offsets: read whole, once
-        return _wrap(torch.load(path, map_location="cpu", weights_only=True), lambda t: LazyTensor.of(t))
+        return _wrap(torch.load(path, map_location="cpu", weights_only=True), LazyTensor.of)
     content = torch.load(path, map_location="meta", weights_only=True)
     size = os.path.getsize(path)
 
     def entry(meta: torch.Tensor) -> LazyTensor:
-        item = _itemsize(meta.dtype)
+        item = meta.dtype.itemsize
         begin = meta.untyped_storage()._checkpoint_offset + meta.storage_offset() * item
         span = 1 + sum((n - 1) * s for n, s in zip(meta.shape, meta.stride())) if meta.numel() else 0
         if begin + span * item > size:
@@ -186,10 +185,6 @@ def _wrap(content, entry):
 # ---- reading
 
 
-def _itemsize(dtype: torch.dtype) -> int:
-    return torch.empty(0, dtype=dtype).element_size()
-
-
 def _read(path: str, offset: int, nbytes: int, out: torch.Tensor | None = None) -> torch.Tensor:
     """`nbytes` bytes of the file from `offset`, into `out` (uint8, contiguous) or a fresh host tensor."""
     out = torch.empty(nbytes, dtype=torch.uint8) if out is None else out
@@ -210,9 +205,9 @@ def _read_into(out: torch.Tensor, path: str, offset: int, dtype: torch.dtype) ->
     so reading a tensor never holds a second copy of it."""
     flat = out.view(-1)
     if out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous():
-        _read(path, offset, flat.numel() * _itemsize(dtype), flat.view(torch.uint8))
+        _read(path, offset, flat.numel() * dtype.itemsize, flat.view(torch.uint8))
         return
-    item = _itemsize(dtype)
+    item = dtype.itemsize
     step = max(1, CHUNK // item)
     for start in range(0, flat.numel(), step):
         count = min(step, flat.numel() - start)
@@ -227,10 +222,10 @@ def write_safetensors(path: str, tensors: dict, dtype: torch.dtype | None = None
     next is made: the host never holds more than one. Written to `path`.partial, then renamed. Returns its size."""
     names = {v: k for k, v in SAFETENSORS_DTYPES.items()}
     dtypes = {key: dtype or value.dtype for key, value in tensors.items()}
-    order = sorted(tensors, key=lambda key: -_itemsize(dtypes[key]))  # wider types first: every tensor aligned
+    order = sorted(tensors, key=lambda key: -dtypes[key].itemsize)  # wider types first: every tensor aligned
     header, offset = {}, 0
     for key in order:
-        nbytes = tensors[key].shape.numel() * _itemsize(dtypes[key])
+        nbytes = tensors[key].shape.numel() * dtypes[key].itemsize
         header[key] = {"dtype": names[dtypes[key]], "shape": list(tensors[key].shape),
                        "data_offsets": [offset, offset + nbytes]}
         offset += nbytes

@@ -190,9 +190,8 @@ class Engine:
         other failure."""
         try:
             pairs = [(w.media, w.question) for w in batch]
-            if batch[0].alone:
-                return self.pipeline.answer(pairs, settings=batch[0].settings, seed=batch[0].seed)
-            return self.pipeline.answer(pairs, settings=batch[0].settings)
+            seed = batch[0].seed if batch[0].alone else None
+            return self.pipeline.answer(pairs, settings=batch[0].settings, seed=seed)
         except Exception as err:  # noqa: BLE001 - every failure goes back to its request
             failure = err
         # Retried outside the except block: the traceback holds the failed attempt's tensors until it ends.
