@@ -10,7 +10,7 @@ from workload import Batch, sync  # first: puts the project root on sys.path
 
 from configs.decoding import DecodingSettings  # noqa: E402
 from decoding import Decoder  # noqa: E402
-from lynx.media_ahead import MediaAhead  # noqa: E402
+from lynx.run import with_media_ahead  # noqa: E402
 from models.lynx import Lynx  # noqa: E402
 
 
@@ -42,7 +42,7 @@ class Runner:
 
     def answer(self, batch: Batch, settings: DecodingSettings, visual=None) -> torch.Tensor:
         if visual is None:
-            visual = self.model.encode_media(batch.pixels.to(self.device, non_blocking=True))
+            visual = self.model.encode_media(batch.pixel_values.to(self.device, non_blocking=True))
         embeds, mask = self.model.fuse(visual, batch.input_ids, batch.attention_mask)
         return self.decoder.generate(embeds, mask, settings)
 
@@ -83,14 +83,9 @@ class Runner:
 
     def set_pass(self, batches, settings: DecodingSettings) -> float:
         """The whole set as a run does it; on CUDA the next batch's ViT and resampler run on a side stream."""
-        ahead = MediaAhead(self.model)
         sync(self.device)
         start = time.perf_counter()
-        ahead.submit(batches[0].pixels)
-        for j, batch in enumerate(batches):
-            visual = ahead.take()
-            if j + 1 < len(batches):
-                ahead.submit(batches[j + 1].pixels)
+        for batch, visual in with_media_ahead(batches, self.model):  # generate.py's loop
             self.answer(batch, settings, visual=visual).tolist()
         sync(self.device)
         return time.perf_counter() - start

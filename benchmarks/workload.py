@@ -16,6 +16,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from configs.schema import config_from_dict, load_config  # noqa: E402
+from dataset.prompt import pad_batch  # noqa: E402
 from dataset.records import read_json_lines  # noqa: E402
 from models.lynx import Lynx, LynxLlamaForCausalLM, vit_chunk_for  # noqa: E402
 
@@ -54,8 +55,8 @@ def read_questions(name: str, limit: int | None) -> list[str]:
 
 
 class Batch:
-    def __init__(self, pixels: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        self.pixels, self.input_ids, self.attention_mask = pixels, input_ids, attention_mask
+    def __init__(self, pixel_values: torch.Tensor, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        self.pixel_values, self.input_ids, self.attention_mask = pixel_values, input_ids, attention_mask
 
     def __len__(self) -> int:
         return self.input_ids.shape[0]
@@ -71,13 +72,12 @@ def make_batches(lengths: list[int], frames: int, cfg, pad_id: int, batch_size: 
         rows = lengths[start:start + batch_size]
         shape = (len(rows), 3, res, res) if frames == 0 else (len(rows), frames, 3, res, res)
         pixels = torch.randn(shape, generator=gen)
-        width = max(rows)
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
-        mask = torch.zeros((len(rows), width), dtype=torch.long)
-        for i, n in enumerate(rows):
-            ids[i, width - n:] = torch.randint(3, pad_id, (n,), generator=gen)
-            ids[i, width - n] = 1  # BOS
-            mask[i, width - n:] = 1
+        prompts = []
+        for n in rows:
+            prompt = torch.randint(3, pad_id, (n,), generator=gen)
+            prompt[0] = 1  # BOS
+            prompts.append(prompt.tolist())
+        ids, mask = pad_batch(prompts, pad_id, left=True)
         batches.append(Batch(pixels.pin_memory() if pin else pixels, ids, mask))
     return batches
 

@@ -80,10 +80,10 @@ class FastDecoder:
     @torch.inference_mode()
     def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, s: Search,
                generator: torch.Generator | None = None, rows: int | None = None) -> torch.Tensor:
-        """`generate` with the search given directly."""
+        """`generate` with the search given directly (`rows`: as `generate` settles them when not given)."""
         real_rows = inputs_embeds.shape[0]
-        embeds, mask = self._pad(inputs_embeds.to(self.device, self.dtype), attention_mask.to(self.device),
-                                 rows if rows is not None else self.batch_size)
+        rows = self._rows(real_rows, rows, s) if rows is None else rows
+        embeds, mask = self._pad(inputs_embeds.to(self.device, self.dtype), attention_mask.to(self.device), rows)
         ws = self._workspace(embeds.shape[0], embeds.shape[1], s.num_beams, s.max_new_tokens)
         self._prefill(ws, embeds, mask)
         graphs = self._graphs(ws, s, generator)  # captured at the first batch of a shape; None: step by step
@@ -115,7 +115,7 @@ class FastDecoder:
 
     # -- internals
 
-    def _pad(self, embeds: torch.Tensor, mask: torch.Tensor, rows: int | None):
+    def _pad(self, embeds: torch.Tensor, mask: torch.Tensor, rows: int):
         """Pad to the fixed prompt length (pads inserted after prefix_len slots) and to `rows` rows (copies of row
         0, dropped later)."""
         b, length, dim = embeds.shape
@@ -124,7 +124,6 @@ class FastDecoder:
             prefix, grow = self.prefix_len, target - length
             embeds = torch.cat([embeds[:, :prefix], embeds.new_zeros(b, grow, dim), embeds[:, prefix:]], dim=1)
             mask = torch.cat([mask[:, :prefix], mask.new_zeros(b, grow), mask[:, prefix:]], dim=1)
-        rows = max(rows or b, b)
         if rows > b:
             embeds = torch.cat([embeds, embeds[:1].expand(rows - b, -1, -1)])
             mask = torch.cat([mask, mask[:1].expand(rows - b, -1)])

@@ -33,16 +33,6 @@ def part_of(key: str) -> str:
 TRAINED_PARTS = ("adapters", "bridge", "frame positions")
 
 
-def read_state_file(path: str, what: str) -> dict:
-    """Every tensor of a weight file, read at once (small files, tests); loading reads tensor by tensor."""
-    def read(content):
-        if isinstance(content, LazyTensor):
-            return content.load()
-        return {k: read(v) for k, v in content.items()} if isinstance(content, dict) else content
-
-    return read(open_weight_file(path, what))
-
-
 def strip_key_prefix(key: str) -> str:
     """Remove leading `module.` / `model.` prefixes (DDP and wrapper saves) — as prefixes, not characters."""
     stripped = True
@@ -142,16 +132,3 @@ def lynx_report(own: dict, state: dict, path: str) -> LoadReport:
         if key not in state:
             report.kept[part_of(key)] = report.kept.get(part_of(key), 0) + 1
     return report
-
-
-def load_lynx_checkpoint(model: torch.nn.Module, path: str) -> LoadReport:
-    """Read, check and copy a Lynx checkpoint (trained parts only, or the whole model) into a built model, on top
-    of what it holds; each tensor is read once, into the model's device and dtype."""
-    own = model.state_dict()
-    state = read_lynx_checkpoint(path)
-    check_lynx_state(own, state, path)
-    with torch.no_grad():
-        for key, value in state.items():
-            if key in own:
-                own[key].copy_(value.load(own[key].device, own[key].dtype))
-    return lynx_report(own, state, path)

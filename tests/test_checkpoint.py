@@ -6,7 +6,8 @@ from safetensors.torch import save_file
 
 from conftest import FIXTURE, build_tiny_lynx
 from errors import InputError
-from models.checkpoint import clean_lynx_state, load_lynx_checkpoint, read_state_file, strip_key_prefix
+from models.checkpoint import clean_lynx_state, strip_key_prefix
+from state_files import load_lynx_checkpoint, read_state_file
 
 DATA = FIXTURE / "data"
 

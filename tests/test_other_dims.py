@@ -7,7 +7,7 @@ from configs.schema import config_from_dict
 from dataset.batching import Collator, LynxEvalDataset, batches_by_media
 from dataset.records import read_jsonl
 from models.build import build_lynx
-from models.checkpoint import read_state_file
+from state_files import read_state_file
 from models.vision_encoder import resize_pos_embed
 from random_fixture import LLM, NUM_FRAMES, VIT, config, write_random_fixture
 from reference import reference_greedy

@@ -9,7 +9,7 @@ import torch
 from conftest import ROOT
 from configs.schema import load_config
 from models.build import build_lynx
-from models.checkpoint import read_state_file
+from state_files import read_state_file
 from test_loading import assert_same_tensors, load_whole_files
 
 sys.path.insert(0, str(ROOT / "benchmarks"))
