@@ -96,8 +96,9 @@ class Engine:
         self.worker = asyncio.get_running_loop().create_task(self._run(), name="lynx-engine")
 
     async def stop(self) -> None:
-        """Answer what is queued, then stop the worker."""
-        while self.waiting and self.worker is not None and not self.worker.done():
+        """Answer what is queued and the batch that runs (so that its media are released too), then stop the
+        worker."""
+        while (self.waiting or self.busy) and self.worker is not None and not self.worker.done():
             self.arrived.set()
             await asyncio.sleep(0.01)
         if self.worker is not None:

@@ -7,13 +7,13 @@ bytes go to a private temporary file that `Media.close` removes after the answer
 """
 from __future__ import annotations
 
-import io
 import os
 import tempfile
 from dataclasses import dataclass
 
-from PIL import Image, UnidentifiedImageError
+from PIL import Image
 
+from dataset.images import ImageProblem, NotAnImage, rgb_image
 from server.errors import APIError
 from server.security import Limits, locate
 
@@ -53,13 +53,14 @@ def load_media(images: list[tuple[str, str]], videos: list[tuple[str, str]], lim
 
 
 def _image(url: str, param: str, limits: Limits) -> Image.Image:
+    """An RGB image by the test files' rules (dataset.images.rgb_image: the pixel limit, 8 bits per channel)."""
     source = locate(url, limits, param)
     try:
-        with Image.open(io.BytesIO(source.data) if source.data is not None else source.path) as image:
-            return image.convert("RGB")
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        reason = "not an image PIL can read" if isinstance(err, UnidentifiedImageError) else str(err)
-        raise APIError(400, f"cannot read the image ({reason})", param) from None
+        return rgb_image(source.data if source.data is not None else source.path)
+    except NotAnImage:
+        raise APIError(400, "cannot read the image (not an image PIL can read)", param) from None
+    except ImageProblem as problem:
+        raise APIError(400, f"cannot read the image ({problem})", param) from None
 
 
 def _video(url: str, param: str, limits: Limits) -> Media:

@@ -7,6 +7,7 @@ JSON with the right status and the server goes on answering.
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import signal
@@ -15,6 +16,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 from openai import OpenAI
+from PIL import Image
 
 from conftest import FIXTURE, fixture_config, read_jsonl, run_generate
 from serve_helpers import Server, answer_of, data_url, image_message, video_message
@@ -156,6 +158,9 @@ def bad_requests(outside) -> list[tuple[str, dict, int, str]]:
     img = data_url(IMG)
     ok = image_message("What is in the image?", img)
     text_b64 = base64.b64encode(b"just some text, not a picture").decode()
+    wide = io.BytesIO()
+    Image.new("I;16", (8, 8), 40000).save(wide, format="PNG")  # PIL's RGB conversion would clip it to white
+    wide_b64 = base64.b64encode(wide.getvalue()).decode()
     return [
         ("bad JSON", dict(raw=b'{"messages": [', ), 400, "not valid JSON"),
         ("not an object", dict(raw=b"[1, 2]"), 400, "must be a JSON object"),
@@ -169,6 +174,8 @@ def bad_requests(outside) -> list[tuple[str, dict, int, str]]:
          "not valid base64"),
         ("not an image", dict(body={"messages": image_message("q", f"data:image/png;base64,{text_b64}")}), 400,
          "cannot read the image"),
+        ("16-bit image", dict(body={"messages": image_message("q", f"data:image/png;base64,{wide_b64}")}), 400,
+         "cannot read the image (mode I;16 has more than 8 bits per channel"),
         ("oversize body (Content-Length)", dict(http=http_head(1_100_000) + b'{"messages": ['), 413,
          "over the server's limit"),
         ("oversize body (chunked)", dict(http=chunked(b"x" * 600_000, b"x" * 600_000)), 413, "over the server's limit"),

@@ -114,3 +114,31 @@ def test_a_full_queue_refuses_and_a_cancelled_request_is_dropped():
         return engine.stats
     stats = asyncio.run(main())
     assert stats.dropped == 1 and stats.answered == 1 and stats.batch_sizes == {1: 1}
+
+
+def test_stopping_releases_the_media_of_the_batch_that_runs():
+    """A request whose client left while its batch ran still gets its media released (a temporary video removed)
+    when the server stops during that batch."""
+    import threading
+
+    released, running, finish = [], threading.Event(), threading.Event()
+
+    class SlowPipeline(FakePipeline):
+        def answer(self, pairs, settings=None, seed=None):
+            running.set()
+            finish.wait(10)
+            return super().answer(pairs, settings, seed)
+
+    async def main():
+        engine = Engine(SlowPipeline(), 4, 0.0, 64)
+        engine.start()
+        future = engine.submit(Work("video", "q", "video", GREEDY, release=lambda: released.append("q")))
+        await asyncio.get_running_loop().run_in_executor(None, running.wait, 10)
+        future.cancel()  # the client left
+        stopping = asyncio.ensure_future(engine.stop())
+        await asyncio.sleep(0.05)
+        finish.set()
+        await stopping
+
+    asyncio.run(main())
+    assert released == ["q"]
