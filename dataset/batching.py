@@ -6,8 +6,6 @@ caller decides (log it and go on, or stop with --strict).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
-
 import torch
 from torch.utils.data import Dataset
 
@@ -16,9 +14,6 @@ from dataset.media import MediaOptions, load_pixels
 from dataset.prompt import format_prompt, pad_batch
 from dataset.records import Record
 from errors import RecordError
-
-if TYPE_CHECKING:
-    from models.tokenizer import LynxTokenizer
 
 
 @dataclass
@@ -35,7 +30,7 @@ class Item:
 class LynxEvalDataset(Dataset):
     """Item i: the pixels and prompt ids of records[i], or the RecordError that stopped it."""
 
-    def __init__(self, records: list[Record], cfg: LynxConfig, tokenizer: LynxTokenizer, seed: int = 0):
+    def __init__(self, records: list[Record], cfg: LynxConfig, tokenizer, seed: int = 0):
         self.records = records
         self.cfg = cfg
         self.tokenizer = tokenizer

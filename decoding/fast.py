@@ -17,7 +17,7 @@ from decoding.cuda import CudaCalls, is_out_of_memory, on_device
 from decoding.draws import lending
 from decoding.graphs import CaptureFailed, capture_step_graphs
 from decoding.llama import LlamaRunner
-from decoding.search import Search, finalize, resolve, selector
+from decoding.search import Search, answers, finalize, resolve, selector, start
 from decoding.workspace import Workspace
 from models.lynx import positions_from_mask
 
@@ -87,7 +87,7 @@ class FastDecoder:
         ws = self._workspace(embeds.shape[0], embeds.shape[1], s.num_beams, s.max_new_tokens)
         self._prefill(ws, embeds, mask)
         graphs = self._graphs(ws, s, generator)  # captured at the first batch of a shape; None: step by step
-        ws.reset(s)
+        start(ws, s)
         if graphs is None:
             self._search(ws, s, generator)
         else:  # the graphs draw from graph_rng, lent the state of the batch's generator (or the device's default)
@@ -95,7 +95,7 @@ class FastDecoder:
                 self._search(ws, s, None, graphs)
         if s.num_beams > 1:
             finalize(ws, s)
-        return ws.answers(s, real_rows)
+        return answers(ws, s, real_rows)
 
     def _search(self, ws: Workspace, s: Search, generator, graphs: dict | None = None) -> None:
         """Token after token until every row is done or max_new_tokens are chosen: eager steps, or replayed graphs.

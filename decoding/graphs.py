@@ -20,7 +20,7 @@ import contextlib
 from collections.abc import Callable
 
 from decoding.cuda import CudaCalls, is_out_of_memory
-from decoding.search import Search
+from decoding.search import Search, start
 from decoding.workspace import Workspace
 from errors import described
 
@@ -36,17 +36,17 @@ def capture_step_graphs(ws: Workspace, s: Search, step: Callable[[int], None], l
     token, run the model on it attending over n_keys slots; `last()`: the final token choice. The step's
     compilation happens in the warm-up, before any capture."""
     widths = sorted({ws.keys_at(i) for i in range(s.max_new_tokens - 1)})
-    ws.reset(s)
+    start(ws, s)
     side = cuda.stream()
     side.wait_stream(cuda.current_stream())
     with cuda.use(side):  # warm-up: compile, pick kernels, allocate workspaces
         for _ in range(2):
             for n_keys in widths:  # one step per width: the step counter stays below max_new_tokens
                 step(n_keys)
-            ws.reset(s)
+            start(ws, s)
         last()
     cuda.current_stream().wait_stream(side)
-    ws.reset(s)
+    start(ws, s)
     ws.pool = ws.pool or cuda.pool()
     graphs = {}
     for n_keys in widths + ["last"]:

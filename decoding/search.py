@@ -20,17 +20,13 @@ Nothing here syncs with the host, so a decoding step can be replayed as a CUDA g
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
 from configs.decoding import DecodingSettings
 from decoding.draws import draw
 from decoding.processors import process, warp
-
-if TYPE_CHECKING:
-    from decoding.workspace import Workspace
+from decoding.workspace import Workspace
 
 NEG = -1.0e9  # 4.28's starting score of beams 1.. in beam search
 
@@ -76,6 +72,27 @@ def resolve(settings: DecodingSettings, pad_id: int | None, eos_id: int, bos_id:
         pad_id=pad_id if pad_id is not None else eos_id,
         bos_id=bos_id,
     )
+
+
+def start(ws: Workspace, s: Search) -> None:
+    """Search state for a new batch (in place); the prompt's cache, first_logits and n_real are set already."""
+    ws.step.zero_()
+    ws.done.zero_()
+    ws.logits.copy_(ws.first_logits[:, None, :].expand_as(ws.logits))
+    ws.seqs.fill_(s.pad_id)
+    ws.history.zero_()
+    ws.parent.zero_()
+    ws.unfinished.fill_(True)
+    ws.gen_len.zero_()
+    ws.scores.zero_()
+    if not s.do_sample:  # beam search starts from beam 0; beam sampling from all beams alike (4.28)
+        ws.scores[:, 1:] = NEG
+    ws.hyp_seqs.fill_(s.pad_id)
+    ws.hyp_len.zero_()
+    ws.hyp_scores.zero_()
+    ws.hyp_order.zero_()
+    ws.hyp_used.zero_()
+    ws.prompt_done.zero_()
 
 
 # ---- greedy search and sampling (num_beams 1)
@@ -193,3 +210,22 @@ def finalize(ws: Workspace, s: Search) -> None:
 def selector(s: Search):
     """The token choice for these settings."""
     return select_beams if s.num_beams > 1 else select_rows
+
+
+def answers(ws: Workspace, s: Search, rows: int) -> torch.Tensor:
+    """The first `rows` rows' generated ids (rows, T) as 4.28 returns them without the placeholder. Greedy and
+    sampling: each row's tokens, pad after EOS, T = the longest. Beams (after `finalize`): each prompt's best
+    hypothesis (the highest score; among equal ones the last added), then EOS where it fits, then pad; T = the
+    longest hypothesis + 1, at most max_new_tokens."""
+    if s.num_beams == 1:
+        width = int(ws.gen_len[:rows].max())
+        return ws.seqs[:rows, 0, :width].clone()
+    used, scores = ws.hyp_used[:rows], ws.hyp_scores[:rows]
+    best = torch.where(used, scores, -torch.inf).max(dim=-1, keepdim=True).values
+    pick = torch.where(used & (scores == best), ws.hyp_order[:rows], -1).argmax(dim=-1, keepdim=True)
+    tokens = ws.hyp_seqs[:rows].gather(1, pick[..., None].expand(-1, 1, ws.max_new))[:, 0]
+    n = ws.hyp_len[:rows].gather(1, pick)  # (rows, 1)
+    width = min(int(n.max()) + 1, ws.max_new)
+    at = torch.arange(width, device=n.device)
+    out = torch.where(at < n, tokens[:, :width], s.pad_id)
+    return torch.where(at == n, s.eos_id, out)

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 
 import torch
 
-from decoding.search import NEG, Search
-
 BLOCK = 16  # decoding steps per attention width (and per CUDA graph)
 
 
@@ -66,7 +64,7 @@ class Workspace:
         self.hyp_used = torch.zeros(batch, beams, dtype=torch.bool, **z)
         self.prompt_done = torch.zeros(batch, dtype=torch.bool, **z)
         self.penalties: dict[float, torch.Tensor] = {}
-        self.graphs: dict[Search, dict] = {}  # per search: {slots attended: step graph, "last": graph}
+        self.graphs: dict = {}  # per decoding.search.Search: {slots attended: step graph, "last": graph}
         self.pool = None
 
     def keys_at(self, step: int) -> int:
@@ -82,41 +80,3 @@ class Workspace:
             table = [1.0] + [float(n ** length_penalty) for n in range(1, self.max_new + 2)]
             self.penalties[length_penalty] = torch.tensor(table, dtype=torch.float64, device=self.step.device)
         return self.penalties[length_penalty]
-
-    def reset(self, s: Search) -> None:
-        """Search state for a new batch (in place); the prompt's cache, first_logits and n_real are set already."""
-        self.step.zero_()
-        self.done.zero_()
-        self.logits.copy_(self.first_logits[:, None, :].expand_as(self.logits))
-        self.seqs.fill_(s.pad_id)
-        self.history.zero_()
-        self.parent.zero_()
-        self.unfinished.fill_(True)
-        self.gen_len.zero_()
-        self.scores.zero_()
-        if not s.do_sample:  # beam search starts from beam 0; beam sampling from all beams alike (4.28)
-            self.scores[:, 1:] = NEG
-        self.hyp_seqs.fill_(s.pad_id)
-        self.hyp_len.zero_()
-        self.hyp_scores.zero_()
-        self.hyp_order.zero_()
-        self.hyp_used.zero_()
-        self.prompt_done.zero_()
-
-    def answers(self, s: Search, rows: int) -> torch.Tensor:
-        """The first `rows` rows' generated ids (rows, T) as 4.28 returns them without the placeholder. Greedy and
-        sampling: each row's tokens, pad after EOS, T = the longest. Beams (after `search.finalize`): each prompt's
-        best hypothesis (the highest score; among equal ones the last added), then EOS where it fits, then pad;
-        T = the longest hypothesis + 1, at most max_new_tokens."""
-        if s.num_beams == 1:
-            width = int(self.gen_len[:rows].max())
-            return self.seqs[:rows, 0, :width].clone()
-        used, scores = self.hyp_used[:rows], self.hyp_scores[:rows]
-        best = torch.where(used, scores, -torch.inf).max(dim=-1, keepdim=True).values
-        pick = torch.where(used & (scores == best), self.hyp_order[:rows], -1).argmax(dim=-1, keepdim=True)
-        tokens = self.hyp_seqs[:rows].gather(1, pick[..., None].expand(-1, 1, self.max_new))[:, 0]
-        n = self.hyp_len[:rows].gather(1, pick)  # (rows, 1)
-        width = min(int(n.max()) + 1, self.max_new)
-        at = torch.arange(width, device=n.device)
-        out = torch.where(at < n, tokens[:, :width], s.pad_id)
-        return torch.where(at == n, s.eos_id, out)
