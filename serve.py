@@ -14,6 +14,7 @@ import logging
 import sys
 from pathlib import Path
 
+from configs.decoding import request_limits
 from configs.schema import load_config
 from errors import InputError
 from server.security import Limits
@@ -40,7 +41,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request gets 504")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (413 above)")
     p.add_argument("--max-images", type=int, default=32, help="most image/video parts in one message")
-    p.add_argument("--max-tokens-limit", type=int, default=1024, help="largest max_tokens a request may ask")
+    for field, limit in request_limits().items():  # --max-tokens-limit, --num-beams-limit, --top-k-limit
+        p.add_argument(f"--{field.replace('_', '-')}-limit", type=int, default=limit,
+                       help=f"largest {field} a request may ask (default: %(default)s)")
     p.add_argument("--media-root", default=None,
                    help="allow file:// URLs and paths to files inside this folder (symlinks resolved)")
     p.add_argument("--allow-http-urls", action="store_true", help="let the server fetch http(s) media URLs")
@@ -49,7 +52,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def limits_of(args) -> Limits:
-    for name in ("batch_size", "queue_size", "max_images", "max_tokens_limit"):
+    decoding = {field: getattr(args, f"{field}_limit") for field in request_limits()}
+    for name in ("batch_size", "queue_size", "max_images", *(f"{field}_limit" for field in decoding)):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
@@ -62,7 +66,7 @@ def limits_of(args) -> Limits:
         if not root.is_dir():
             raise InputError(f"--media-root {args.media_root}: not a folder")
     return Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
-                  max_tokens=args.max_tokens_limit, queue_size=args.queue_size, request_timeout=args.request_timeout,
+                  decoding=decoding, queue_size=args.queue_size, request_timeout=args.request_timeout,
                   media_root=root, allow_http=args.allow_http_urls, api_key=args.api_key)
 
 
@@ -104,7 +108,7 @@ def main(argv=None) -> int:
     def stop() -> None:
         server.should_exit = True
 
-    app = create_app(lambda: LynxPipeline.from_config(cfg, device), limits, args.model_name,
+    app = create_app(lambda: LynxPipeline.build(cfg, device), limits, args.model_name,
                      batch_size=args.batch_size, window=args.batch_window_ms / 1000, on_failure=stop)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.request_timeout + 5))

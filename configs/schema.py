@@ -16,7 +16,7 @@ from typing import Any
 
 import yaml
 
-from configs.decoding import DecodingSettings
+from configs.decoding import DecodingSettings, config_keys
 from configs.template import prompt_problem
 from errors import InputError
 
@@ -57,10 +57,14 @@ class DataConfig:
     num_workers: int = 4
 
 
+DecodingKeys = config_keys(DecodingSettings)
+
+
 @dataclass
-class LynxConfig:
+class LynxConfig(DecodingKeys):
     """Every key of the original LYNX.yaml with LYNX.yaml's value as default, then the additions (README). For a
-    few keys a YAML without them got another value from the original's code (README, Configuration)."""
+    few keys a YAML without them got another value from the original's code (README, Configuration). The decoding
+    keys are DecodingSettings' fields with their defaults (configs/decoding.py), checked by it."""
 
     # -- Data
     image_rdir: str = "./images/"  # read but unused, as in the original: media paths are relative to the cwd
@@ -93,18 +97,9 @@ class LynxConfig:
     # -- Inference
     max_input_tokens: int = 40  # keep the last N prompt ids; 0 or less: keep all (stored as 0), as the original
     batch_size_test: int = 16
-    max_new_tokens: int = 64
-    min_length: int = 2
-    num_beams: int = 5
-    length_penalty: float = -2.0
-    top_p: float = 0.9
-    top_k: int = 3
-    no_repeat_ngram_size: int = 2
     apply_lemmatizer: bool = False
-    use_nucleus_sampling: bool = True
+    # the decoding keys (max_new_tokens, num_beams, ...): DecodingKeys, from DecodingSettings
     # -- Additions (not in the original)
-    temperature: float = 1.0  # the original always passes 1.0
-    repetition_penalty: float = 1.0  # the original always passes 1.0
     dtype: str | None = None  # float32 | bfloat16 | float16; None: bfloat16 on CUDA, float32 on CPU
     decoder: str = "auto"  # auto | hf | fast; auto: fast (Lynx's decoder, 4.28.1's rules); hf: transformers' generate
     vit_checkpoint: str = "./data/eva_vit_g.pth"

@@ -13,7 +13,9 @@ from decoding.draws import drawing_from
 
 
 def generation_config(settings: DecodingSettings, pad_id: int, bos_id: int, eos_id: int) -> GenerationConfig:
-    """Map the decoding keys onto transformers' generate.
+    """The decoding keys mapped onto transformers' generate: every option these settings use, under its
+    GenerationConfig name (`DecodingSettings.hf`; the sampling keys mean nothing without sampling, nor
+    `length_penalty` with one beam).
 
     `min_length`: the original ran transformers 4.28, whose output for `inputs_embeds` began with a one-token BOS
     placeholder that `min_length` counted; so `min_length: 2` meant "at least one new token before EOS". transformers
@@ -21,24 +23,12 @@ def generation_config(settings: DecodingSettings, pad_id: int, bos_id: int, eos_
 
     Every option the decoders implement is set here, so a generation_config.json beside the LLM (which `generate`
     reads for unset keys) cannot make this decoder differ from Lynx's own: `early_stopping` is transformers'
-    default, set explicitly; the sampling keys mean nothing without sampling, nor `length_penalty` with one beam.
+    default, set explicitly.
     """
-    options = dict(
-        max_new_tokens=settings.max_new_tokens,
-        min_new_tokens=max(settings.min_length - 1, 0),
-        num_beams=settings.num_beams,
-        do_sample=settings.use_nucleus_sampling,
-        no_repeat_ngram_size=settings.no_repeat_ngram_size,
-        repetition_penalty=settings.repetition_penalty,
-        num_return_sequences=1,
-        pad_token_id=pad_id,
-        bos_token_id=bos_id,
-        eos_token_id=eos_id,
-    )
+    options = dict(settings.hf(), num_return_sequences=1, pad_token_id=pad_id, bos_token_id=bos_id,
+                   eos_token_id=eos_id)
     if settings.num_beams > 1:
-        options.update(length_penalty=settings.length_penalty, early_stopping=False)
-    if settings.use_nucleus_sampling:
-        options.update(top_p=settings.top_p, top_k=settings.top_k, temperature=settings.temperature)
+        options.update(early_stopping=False)
     return GenerationConfig(**options)
 
 

@@ -20,6 +20,7 @@ Nothing here syncs with the host, so a decoding step can be replayed as a CUDA g
 from __future__ import annotations
 
 from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -31,22 +32,13 @@ from decoding.workspace import Workspace
 NEG = -1.0e9  # 4.28's starting score of beams 1.. in beam search
 
 
-@dataclass(frozen=True)
-class Search:
-    """The options of one decoding call as the search uses them: a DecodingSettings with the tokenizer's ids. Keys
-    that change nothing for these settings (sampling keys without sampling, length_penalty with one beam, min_length
-    1) take neutral values, so settings that decode alike are one Search (one set of CUDA graphs)."""
+@dataclass(frozen=True, kw_only=True)
+class Search(DecodingSettings):
+    """The options of one decoding call as the search uses them: `DecodingSettings.resolved()` (options that change
+    nothing for these settings take neutral values, so settings that decode alike are one Search, one set of CUDA
+    graphs) with the tokenizer's ids. `min_length` counts the placeholder: EOS is banned while 1 + generated <
+    min_length."""
 
-    max_new_tokens: int
-    min_length: int  # counts the placeholder: EOS is banned while 1 + generated < min_length
-    num_beams: int
-    do_sample: bool
-    temperature: float
-    top_k: int
-    top_p: float
-    no_repeat_ngram_size: int
-    repetition_penalty: float
-    length_penalty: float
     eos_id: int
     pad_id: int  # after EOS (4.28: the pad id, or EOS without one)
     bos_id: int  # the placeholder
@@ -55,23 +47,7 @@ class Search:
 
 def resolve(settings: DecodingSettings, pad_id: int | None, eos_id: int, bos_id: int) -> Search:
     """The search for these settings, as the original passed them to 4.28's `generate`."""
-    sampling = settings.use_nucleus_sampling
-    beams = settings.num_beams
-    return Search(
-        max_new_tokens=settings.max_new_tokens,
-        min_length=settings.min_length if settings.min_length > 1 else 0,
-        num_beams=beams,
-        do_sample=sampling,
-        temperature=float(settings.temperature) if sampling else 1.0,
-        top_k=settings.top_k if sampling else 0,
-        top_p=float(settings.top_p) if sampling else 1.0,
-        no_repeat_ngram_size=settings.no_repeat_ngram_size,
-        repetition_penalty=float(settings.repetition_penalty),
-        length_penalty=float(settings.length_penalty) if beams > 1 else 1.0,
-        eos_id=eos_id,
-        pad_id=pad_id if pad_id is not None else eos_id,
-        bos_id=bos_id,
-    )
+    return Search(**settings.resolved(), eos_id=eos_id, pad_id=pad_id if pad_id is not None else eos_id, bos_id=bos_id)
 
 
 def start(ws: Workspace, s: Search) -> None:

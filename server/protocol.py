@@ -10,7 +10,9 @@ import time
 import uuid
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
+
+from configs.decoding import DecodingSettings, request_fields
 
 
 class MediaURL(BaseModel):
@@ -51,25 +53,31 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """OpenAI's fields, plus Lynx's own decoding keys (`num_beams`, `top_k`, `length_penalty`,
-    `no_repeat_ngram_size`, named as in LYNX.yaml)."""
+class OpenAIRequest(BaseModel):
+    """OpenAI's chat request, less the decoding options (`request_model` adds them)."""
 
     model_config = ConfigDict(extra="allow")
     messages: list[Message] = Field(min_length=1)
     model: str | None = None
-    max_tokens: int | None = Field(default=None, ge=1)
-    max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
-    top_p: float | None = Field(default=None, gt=0, le=1)
+    max_completion_tokens: int | None = None  # max_tokens' newer name (max_tokens wins when both are given)
     seed: int | None = None
     n: int = 1
     stream: bool = False
     stream_options: StreamOptions | None = None
-    num_beams: int | None = Field(default=None, ge=1)
-    top_k: int | None = Field(default=None, ge=0)
-    length_penalty: float | None = Field(default=None, allow_inf_nan=False)
-    no_repeat_ngram_size: int | None = Field(default=None, ge=0)
+
+
+def request_model(settings: type = DecodingSettings) -> type[OpenAIRequest]:
+    """The chat request with a field for every decoding option a request may set (configs/decoding.py: OpenAI's
+    `max_tokens`, `temperature`, `top_p`, and Lynx's own keys named as in LYNX.yaml), each optional and typed; the
+    values are checked by the settings, which name the field."""
+    options = settings.options()
+    fields = {field: (options[name].kind | None, Field(default=None, allow_inf_nan=False)
+                      if options[name].kind is float else None)
+              for name, field in request_fields(settings).items()}
+    return create_model("ChatCompletionRequest", __base__=OpenAIRequest, **fields)
+
+
+ChatCompletionRequest = request_model()
 
 
 # Fields that change an answer in ways Lynx does not reproduce, and the value that means "not used".

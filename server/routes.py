@@ -81,7 +81,8 @@ async def chat_completions(request: Request):
 
 
 def check(chat: ChatCompletionRequest, lynx) -> None:
-    """What the schema cannot say: the model's name, n, unsupported fields, the server's limits."""
+    """What the schema cannot say: the model's name, n, unsupported fields, the server's limits of media (those of
+    decoding: serving.ChatService.settings)."""
     if chat.model is not None and chat.model != lynx.model_name:
         raise APIError(404, f"the model {chat.model!r} does not exist here; this server serves {lynx.model_name!r}",
                        "model", "model_not_found")
@@ -91,11 +92,6 @@ def check(chat: ChatCompletionRequest, lynx) -> None:
     if name is not None:
         raise APIError(400, f"'{name}' is not supported by Lynx; leave it out", name)
     limits = lynx.limits
-    for field in ("max_tokens", "max_completion_tokens"):
-        value = getattr(chat, field)
-        if value is not None and value > limits.max_tokens:
-            raise APIError(400, f"{field} is {value}, over the server's limit of {limits.max_tokens} "
-                                f"(--max-tokens-limit)", field)
     for i, message in enumerate(chat.messages):
         media = sum(1 for p in message.parts() if p.type in ("image_url", "video_url"))
         if media > limits.max_images:

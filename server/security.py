@@ -1,7 +1,8 @@
 """The edge: what a request may be and where its media may come from.
 
 - `--api-key`: every request but the page and /health needs `Authorization: Bearer KEY` (401 otherwise).
-- Body size (413), images per request and `max_tokens` (400): limits checked before any work is done.
+- Body size (413), images per request and what a request's decoding may cost (400, `decoding`: max_tokens,
+  num_beams, top_k): limits checked before any work is done.
 - Media: `data:` URLs always; `file://` URLs and plain paths only with `--media-root DIR`, and only when the path,
   symlinks followed and `..` resolved, lies inside DIR (403 otherwise); http(s) URLs only with
   `--allow-http-urls` (403 otherwise), fetched with the body-size limit and a timeout.
@@ -14,11 +15,12 @@ import hmac
 import os
 import urllib.parse
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from fastapi import Request
 
+from configs.decoding import request_limits
 from server.errors import APIError, error_response
 
 HTTP_FETCH_TIMEOUT_S = 30
@@ -28,7 +30,7 @@ HTTP_FETCH_TIMEOUT_S = 30
 class Limits:
     max_body_bytes: int = 64 * 2**20
     max_images: int = 32
-    max_tokens: int = 1024
+    decoding: dict = field(default_factory=request_limits)  # {request field: the largest value a request may ask}
     queue_size: int = 256
     request_timeout: float = 600.0
     media_root: Path | None = None  # resolved (realpath) when set

@@ -14,9 +14,10 @@ import pytest
 import torch
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from conftest import FIXTURE, build_tiny_lynx, fixture_cases, fixture_config, read_jsonl as read_answers, run_generate
+from conftest import (FIXTURE, build_tiny_lynx, eval_dataset, fixture_cases, fixture_config, read_jsonl as read_answers,
+                      run_generate)
 from configs.decoding import DecodingSettings
-from dataset.batching import Collator, LynxEvalDataset
+from dataset.batching import Collator
 from dataset.records import read_jsonl
 from decoding import FastDecoder, HFDecoder, make_decoder
 from decoding.hf import generation_config
@@ -36,7 +37,7 @@ def tiny():
         items = {}
         for kind, key in (("images", "image"), ("videos", "video")):
             cfg.vision_prompt_dict = key
-            dataset = LynxEvalDataset(records[kind], cfg, tokenizer)
+            dataset = eval_dataset(records[kind], cfg, tokenizer)
             items[kind] = [dataset[p] for p in range(len(records[kind]))]
         cfg.vision_prompt_dict = "image"
     finally:
@@ -266,11 +267,10 @@ def test_out_of_memory_retry_decodes_halves_at_their_own_size(tiny, monkeypatch)
     smaller batches (`rows`), the decoder keeps its own batch size, every record is answered as usual, and every
     try draws from a generator seeded afresh with the batch's seed."""
     from lynx.pipeline import LynxPipeline
-    from lynx.run import answer_with_retry
 
     model, tok = tiny.model, tiny.tokenizer
     batch = tiny.batch("images", [0, 1, 2])
-    expected = LynxPipeline(tiny.cfg, model, tok, "cpu").answer_batch(batch)
+    expected = [answer.text for answer in LynxPipeline(tiny.cfg, model, tok, "cpu").answer_batch(batch)]
     pipeline = LynxPipeline(tiny.cfg, model, tok, "cpu")
     pipeline.decoder = FastDecoder(model.LLM, tok, prompt_len=32 + 40, batch_size=3, prefix_len=32)
     real_prefill, real_generator = FastDecoder._prefill, pipeline.generator
@@ -284,13 +284,22 @@ def test_out_of_memory_retry_decodes_halves_at_their_own_size(tiny, monkeypatch)
 
     monkeypatch.setattr(FastDecoder, "_prefill", prefill)
     monkeypatch.setattr(pipeline, "generator", lambda seed: seeds.append(seed) or real_generator(seed))
-    failures = []
-    answers = answer_with_retry(pipeline, batch, lambda p, e: failures.append((p, e)), seed=45)
-    assert failures == []
-    assert answers == list(zip(batch.positions, expected))
+    answers = pipeline.answer_batch(batch, seed=45)
+    assert [answer.text for answer in answers] == expected  # every row answered: no OutOfMemory among them
     assert rows_tried == [3, 1, 2, 1, 1]  # the batch, its first half, the second half and its halves
     assert seeds == [45] * 5
     assert pipeline.decoder.batch_size == 3
+
+
+def test_top_p_0_leaves_the_top_token_when_sampling(tiny):
+    """`top_p: 0` (OpenAI takes 0 to 1, and lmms-eval sends 0) keeps only the best token of each step when sampling:
+    greedy's answer, in both decoders. (4.28.1's warper would drop every token and fail; README, Fidelity.)"""
+    embeds, mask = tiny.fused("images", [0, 1, 2])
+    greedy = settings_for(tiny, num_beams=1, use_nucleus_sampling=False)
+    top = settings_for(tiny, num_beams=1, use_nucleus_sampling=True, top_p=0.0, top_k=0, temperature=0.7)
+    for decoder in (FastDecoder(tiny.model.LLM, tiny.tokenizer), HFDecoder(tiny.model.LLM, tiny.tokenizer)):
+        want = decoder.generate(embeds, mask, greedy)
+        assert torch.equal(decoder.generate(embeds, mask, top, generator=torch.Generator().manual_seed(0)), want)
 
 
 def test_hf_decoder_seeded_by_a_generator(tiny):
