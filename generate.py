@@ -73,10 +73,11 @@ def answer(args, cfg, records, run: ResumableRun) -> int:
     from lynx.pipeline import LynxPipeline, seed_everything
     from lynx.run import answer_records
 
-    device = run.processes.join(args.device)
-    run.open(run_fingerprint(cfg, device, args.seed), args.overwrite)
+    device = run.processes.join(args.device)  # checks the device; the weight files were checked in main
+    dtype = cfg.resolve_dtype(device)
+    run.open(run_fingerprint(cfg, dtype, args.seed), args.overwrite)
     seed_everything(args.seed)  # the same on every process; sampled decoding seeds each batch (answer_records)
-    pipeline = LynxPipeline.from_config(cfg, device)
+    pipeline = LynxPipeline.build(cfg, device, dtype)
     plan = run.plan(records, cfg.vision_prompt_dict, cfg.batch_size_test)
     if run.resumed:
         log.info("resuming: %d of %d records already answered", run.resumed, len(records))

@@ -6,6 +6,7 @@ caller decides (log it and go on, or stop with --strict).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+
 import torch
 from torch.utils.data import Dataset
 
@@ -18,8 +19,8 @@ from errors import RecordError
 
 @dataclass
 class Item:
-    """One record made ready for the model: its pixels and prompt ids, or the RecordError that stopped it.
-    `position` is where the record sits in the caller's list (the dataset's records, the API's pairs)."""
+    """One record or request made ready for the model: its pixels and prompt ids, or the RecordError that stopped
+    it. `position` is where it sits in the caller's list (the dataset's records, the API's pairs)."""
 
     position: int
     pixel_values: torch.Tensor | None = None
@@ -27,15 +28,43 @@ class Item:
     error: RecordError | None = None
 
 
-class LynxEvalDataset(Dataset):
-    """Item i: the pixels and prompt ids of records[i], or the RecordError that stopped it."""
+class Preparer:
+    """What a record or a request becomes for the model, each part made once: the prompt filled and tokenized, the
+    media read into pixels. One per pipeline, shared by the dataset of a run and every other front end."""
 
-    def __init__(self, records: list[Record], cfg: LynxConfig, tokenizer, seed: int = 0):
-        self.records = records
-        self.cfg = cfg
+    def __init__(self, cfg: LynxConfig, tokenizer, media: MediaOptions):
+        self.template, self.lower_text, self.max_input_tokens = cfg.prompt, cfg.lower_text, cfg.max_input_tokens
         self.tokenizer = tokenizer
+        self.media = media
+
+    @classmethod
+    def from_config(cls, cfg: LynxConfig, tokenizer) -> "Preparer":
+        return cls(cfg, tokenizer, MediaOptions.from_config(cfg))
+
+    def prompt_ids(self, fields: dict, index=None) -> list[int]:
+        """The prompt's token ids: the template filled with the fields, tokenized (RecordError if it cannot be)."""
+        return self.tokenizer.encode(format_prompt(self.template, fields, self.lower_text, index),
+                                     self.max_input_tokens)
+
+    def pixels(self, media, kind: str | None, index=None, rng=None) -> torch.Tensor:
+        """The pixels of one media value (dataset.media.load_pixels; `kind` None: inferred from the value)."""
+        return load_pixels(media, kind, self.media, index, rng=rng)
+
+    def item(self, position: int, media, kind: str | None, fields: dict, index=None) -> Item:
+        """An Item of a media value and the prompt's fields; RecordError (naming `index`) if it cannot be made."""
+        input_ids = self.prompt_ids(fields, index)
+        return Item(position, self.pixels(media, kind, index), input_ids)
+
+
+class LynxEvalDataset(Dataset):
+    """Item i: the pixels and prompt ids of records[i], or the RecordError that stopped it. `vision_key`: the
+    config's vision_prompt_dict; `seed`: the run's, for random frame choices."""
+
+    def __init__(self, records: list[Record], prepare: Preparer, vision_key: str, seed: int = 0):
+        self.records = records
+        self.prepare = prepare
+        self.vision_key = vision_key
         self.seed = seed
-        self.media = MediaOptions.from_config(cfg)
 
     def __len__(self) -> int:
         return len(self.records)
@@ -43,11 +72,10 @@ class LynxEvalDataset(Dataset):
     def __getitem__(self, position: int) -> Item:
         record = self.records[position]
         try:
-            text = format_prompt(self.cfg.prompt, record.fields, self.cfg.lower_text, record.index)
-            input_ids = self.tokenizer.encode(text, self.cfg.max_input_tokens)
-            value = record.media(self.cfg.vision_prompt_dict)
-            pixels = load_pixels(value, record.media_kind(self.cfg.vision_prompt_dict), self.media, record.index,
-                                 rng=self.media.frame_rng(self.seed, record.index, value))
+            input_ids = self.prepare.prompt_ids(record.fields, record.index)
+            value = record.media(self.vision_key)
+            pixels = self.prepare.pixels(value, record.media_kind(self.vision_key), record.index,
+                                         rng=self.prepare.media.frame_rng(self.seed, record.index, value))
         except RecordError as err:
             return Item(position, error=err)
         return Item(position, pixels, input_ids)
@@ -63,6 +91,13 @@ class Batch:
 
     def __len__(self) -> int:
         return len(self.positions)
+
+    def part(self, rows: slice, left_pad: bool) -> "Batch":
+        """Some rows, re-trimmed so that they equal collating those records alone."""
+        ids, mask = self.input_ids[rows], self.attention_mask[rows]
+        span = mask.any(dim=0).nonzero()
+        cols = slice(int(span.min()), int(span.max()) + 1) if left_pad else slice(0, int(span.max()) + 1)
+        return Batch(self.positions[rows], self.pixel_values[rows], ids[:, cols], mask[:, cols])
 
 
 class Collator:

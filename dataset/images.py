@@ -78,10 +78,18 @@ def _converted(image: Image.Image, max_pixels: int) -> Image.Image:
 
 
 def open_image(value, index=None, max_pixels: int = MAX_IMAGE_PIXELS) -> Image.Image:
-    """An RGB image from a record's image value: a file path (str or Path), base64 text, a data URI or a PIL image
-    (the original's two forms are a path and base64). Anything wrong is a RecordError naming the record."""
+    """An RGB image from a record's image value: a file path (str or Path), base64 text, a data URI, a PIL image or
+    the bytes of an image file (the original's two forms are a path and base64). Anything wrong is a RecordError
+    naming the record."""
     if isinstance(value, Image.Image):
         return _or_record_error(value, max_pixels, index, "cannot use the image", None)
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return rgb_image(value, max_pixels)
+        except NotAnImage:
+            raise RecordError(index, "cannot read the image (not an image PIL can read)") from None
+        except ImageProblem as problem:
+            raise RecordError(index, f"cannot read the image ({problem})") from None
     if isinstance(value, os.PathLike):
         value = os.fspath(value)
     if not isinstance(value, str) or not value:

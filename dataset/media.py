@@ -4,7 +4,8 @@
     pixels = load_pixels(value, kind, options, index=...)   # (3, H, W) for an image, (F, 3, H, W) for a video
 
 A value is a path (str or pathlib.Path) to an image, a video file or a `.json` frame file; base64 text or a data URI;
-a list of frames (base64 strings or PIL images); or a PIL image. `kind` is 'image' or 'video' (a record's media key);
+the bytes of an image file; a list of frames (base64 strings, PIL images, or the bytes or Paths of image files); or
+a PIL image. `kind` is 'image' or 'video' (a record's media key);
 None infers it from the value (the Python API). Every problem is a RecordError naming the record.
 """
 from __future__ import annotations

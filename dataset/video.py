@@ -134,7 +134,8 @@ def _frames_from_json_file(path, num_frames, sampling, rng, index, max_pixels):
 
 
 def _frames_from_list(frames, num_frames, sampling, rng, index, path, max_pixels):
-    """Frames given one by one (base64 strings or PIL images): only the sampled ones are decoded."""
+    """Frames given one by one (base64 strings, PIL images, or the bytes or path (a Path) of image files): only the
+    sampled ones are decoded."""
     if not frames:
         raise RecordError(index, "video has no frames (empty base64 frame list)", path)
     ids = sample_frame_indices(len(frames), num_frames, sampling, rng)
@@ -150,7 +151,7 @@ def _frame(value, position, index, path, max_pixels):
             value = decode_base64(value)
         except ValueError as exc:
             raise RecordError(index, f"frame {position} is not valid base64: {exc}", path) from exc
-    elif not isinstance(value, Image.Image):
+    elif not isinstance(value, (Image.Image, bytes, bytearray, os.PathLike)):
         raise RecordError(index, f"frame {position} is a {type(value).__name__}, not a base64 string", path)
     try:
         return rgb_image(value, max_pixels)

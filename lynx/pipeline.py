@@ -7,20 +7,24 @@
 from __future__ import annotations
 
 import functools
+import logging
 import random
+from dataclasses import dataclass
 
 import numpy as np
 import torch
 
 from configs.decoding import DecodingSettings
 from configs.schema import LynxConfig, load_config
-from dataset.batching import Batch, Collator, Item
-from dataset.media import MediaOptions, load_pixels, media_kind
-from dataset.prompt import format_prompt
+from dataset.batching import Batch, Collator, Item, Preparer
+from dataset.media import media_kind
 from decoding import make_decoder
-from decoding.cuda import on_device
-from errors import InputError
+from decoding.cuda import is_out_of_memory, on_device
+from errors import InputError, RecordError
 from models.build import build_lynx
+from models.weight_files import check_weight_files
+
+log = logging.getLogger("lynx")
 
 
 def default_device() -> str:
@@ -59,7 +63,28 @@ def seed_everything(seed: int) -> None:
     random.seed(seed)
 
 
+@dataclass(frozen=True)
+class Answer:
+    """One answer: the ids the decoder chose (EOS included when it chose one), their text, and why it stopped:
+    "stop" at EOS, "length" at max_new_tokens."""
+
+    ids: list[int]
+    text: str
+    finish: str
+
+
+class OutOfMemory(RecordError):
+    """A record or request that does not fit on the device even alone in a batch."""
+
+    def __init__(self, index=None, reason="out of GPU memory even alone in a batch", path=None):
+        super().__init__(index, reason, path)
+
+
 class LynxPipeline:
+    """Lynx built once, answering prepared items (`item`, or a DataLoader's batches) through one core,
+    `answer_batch`, which every front end calls: generate.py's loop (lynx/run.py), the server's engine
+    (server/engine.py) and `answer` here."""
+
     def __init__(self, cfg: LynxConfig, model, tokenizer, device: str):
         self.cfg = cfg
         self.model = model
@@ -67,17 +92,26 @@ class LynxPipeline:
         self.device = device
         self.settings = DecodingSettings.from_config(cfg)
         self.decoder = make_decoder(cfg, model.LLM, tokenizer, device)
+        self.prepare = Preparer.from_config(cfg, tokenizer)  # the prompt's rules and the media options, made once
         self.collate = Collator(tokenizer.pad_id, cfg.use_left_pad)
-        self.media = MediaOptions.from_config(cfg)  # transform, frame count and sampling, made once
         self.lemmatizer = load_lemmatizer() if cfg.apply_lemmatizer else None
 
     @classmethod
     def from_config(cls, config: str | LynxConfig, device: str | None = None, overrides=()) -> "LynxPipeline":
+        """Lynx of a config file (with `--set`-style overrides) or a LynxConfig, on `device` (default: CUDA when
+        there is one); the device and the weight files are checked first, each problem one clear line."""
         cfg = config if isinstance(config, LynxConfig) else load_config(config, overrides)
         device = device or default_device()
         check_device(device)
+        check_weight_files(cfg)
+        return cls.build(cfg, device)
+
+    @classmethod
+    def build(cls, cfg: LynxConfig, device: str, dtype: str | None = None) -> "LynxPipeline":
+        """Lynx of a checked config on a checked device, in `dtype` (default: the config's for the device): for
+        front ends that check these before torch is imported (generate.py, serve.py)."""
         with on_device(device):
-            model, tokenizer = build_lynx(cfg, device)
+            model, tokenizer = build_lynx(cfg, device, dtype)
             return cls(cfg, model, tokenizer, device)
 
     def generator(self, seed: int) -> torch.Generator:
@@ -85,22 +119,69 @@ class LynxPipeline:
         device's default generator the same stream."""
         return torch.Generator(device=self.model.LLM.get_input_embeddings().weight.device).manual_seed(seed)
 
+    def item(self, media, question: str, kind: str | None = None, position: int = 0, **fields) -> Item:
+        """A (media, question) pair made ready: the prompt filled with the question (and `fields`) and tokenized,
+        the media read into pixels, once. `kind`: 'image' or 'video' (None: inferred, see `answer`). RecordError,
+        naming `position`, if it cannot be used."""
+        return self.prepare.item(position, media, kind, {**fields, "question": question}, index=position)
+
+    def answer_items(self, items: list[Item], settings: DecodingSettings | None = None, seed: int | None = None,
+                     generator: torch.Generator | None = None) -> list[Answer | RecordError]:
+        """Answers of prepared items of one media kind, in one batch (see `answer_batch`)."""
+        return self.answer_batch(self.collate(items), settings=settings, seed=seed, generator=generator)
+
+    def answer_batch(self, batch: Batch, visual: torch.Tensor | None = None, settings: DecodingSettings | None = None,
+                     seed: int | None = None, generator: torch.Generator | None = None) -> list[Answer | RecordError]:
+        """The answer of every row of a collated batch, in row order: an Answer, or OutOfMemory for a row that does
+        not fit on the device even alone. `visual`: the batch's visual prefix, if computed already; `settings`:
+        decoding for this call (default: the config's); sampled draws come from a generator seeded with `seed`
+        (afresh for every try), else from `generator` (on the LLM's device), else from the device's default one.
+
+        Out of memory, the batch is retried in halves down to single rows, each half decoded as a batch of its own
+        size (the decoder would otherwise pad it back to its fixed shape) with its rows of the visual prefix."""
+        settings = self.settings if settings is None else settings.checked()
+        return self._answer_in_halves(batch, visual, settings, seed, generator, rows=None)
+
+    def _answer_in_halves(self, batch, visual, settings, seed, generator, rows) -> list[Answer | RecordError]:
+        try:
+            draws = self.generator(seed) if seed is not None else generator
+            return self.decode_batch(batch, visual, settings, draws, rows)
+        except RuntimeError as err:  # torch.OutOfMemoryError included
+            if not is_out_of_memory(err):
+                raise
+        # Retried outside the except block: the error's traceback holds the failed attempt's tensors until it ends.
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            return [OutOfMemory()]
+        log.warning("out of GPU memory on a batch of %d; retrying in halves", len(batch))
+        answers = []
+        for half in (slice(0, len(batch) // 2), slice(len(batch) // 2, None)):
+            part = batch.part(half, self.cfg.use_left_pad)
+            part_visual = None if visual is None else visual[half]  # a few MB: not worth computing again
+            answers += self._answer_in_halves(part, part_visual, settings, seed, generator, rows=len(part))
+        return answers
+
     @on_own_device
     @torch.inference_mode()
-    def answer_batch(self, batch: Batch, visual: torch.Tensor | None = None, settings: DecodingSettings | None = None,
-                     generator: torch.Generator | None = None, rows: int | None = None) -> list[str]:
-        """Answers for the usable rows of a collated batch, in row order. `visual`: its visual prefix, if computed
-        already; `settings`: decoding for this call (default: the config's); `generator`: the sampling draws, on the
-        LLM's device (None: its default generator); `rows`: the batch shape to decode at (see decoding.Decoder)."""
-        settings = self.settings if settings is None else settings.checked()
+    def decode_batch(self, batch: Batch, visual: torch.Tensor | None, settings: DecodingSettings,
+                     generator: torch.Generator | None = None, rows: int | None = None) -> list[Answer]:
+        """One try at a batch, no retry: its visual prefix (unless given), the fused prompt, the decoder (`rows`: the
+        batch shape to decode at, see decoding.Decoder), the answers."""
         if visual is None:
             visual = self.model.encode_media(batch.pixel_values)
         embeds, mask = self.model.fuse(visual, batch.input_ids, batch.attention_mask)
-        ids = self.decoder.generate(embeds, mask, settings, generator=generator, rows=rows)
+        return [self._answer(row) for row in self.decoder.generate(embeds, mask, settings, generator=generator,
+                                                                   rows=rows).tolist()]
+
+    def _answer(self, row: list[int]) -> Answer:
+        """A decoder's row: the ids up to EOS (the filler after it dropped), their text, why it stopped."""
+        eos = self.tokenizer.eos_id
+        ids, finish = (row[:row.index(eos) + 1], "stop") if eos in row else (row, "length")
         if self.lemmatizer is None:
-            return [self.tokenizer.decode(row) for row in ids.tolist()]
+            return Answer(ids, self.tokenizer.decode(ids), finish)
         # the original lemmatized the decoded text, then stripped it
-        return [lemmatize(self.lemmatizer, self.tokenizer.decode(row, strip=False)).strip() for row in ids.tolist()]
+        return Answer(ids, lemmatize(self.lemmatizer, self.tokenizer.decode(ids, strip=False)).strip(), finish)
 
     def answer(self, pairs, settings: DecodingSettings | None = None, seed: int | None = None,
                generator: torch.Generator | None = None, **fields) -> list[str]:
@@ -111,7 +192,8 @@ class LynxPipeline:
         `lynx.settings.replace(num_beams=1, use_nucleus_sampling=False)` for greedy). Sampled decoding draws from a
         generator seeded with `seed` (the same call and seed, the same answers), or from `generator` (on the LLM's
         device), or else from the device's default generator. Extra `fields` fill other placeholders of the prompt.
-        A pair that cannot be used raises RecordError naming it by its place."""
+        A pair that cannot be used, or that does not fit on the device even alone, raises RecordError naming it by
+        its place."""
         pairs = list(pairs)
         if not all(isinstance(pair, (tuple, list)) and len(pair) == 2 for pair in pairs):
             raise ValueError('answer() takes a list of (media, question) pairs, e.g. [("cat.jpg", "What is it?")]')
@@ -120,18 +202,12 @@ class LynxPipeline:
         kinds = {media_kind(media) for media, _ in pairs}
         if len(kinds) > 1:
             raise ValueError("answer() takes either images or videos in one call, not both: call it once for each")
-        items = []
-        for i, (media, question) in enumerate(pairs):
-            text = format_prompt(self.cfg.prompt, {**fields, "question": question}, self.cfg.lower_text, index=i)
-            ids = self.tokenizer.encode(text, self.cfg.max_input_tokens)
-            items.append(Item(i, self._pixels(media, index=i), ids))
-        if seed is not None:
-            generator = self.generator(seed)
-        return self.answer_batch(self.collate(items), settings=settings, generator=generator)
-
-    def _pixels(self, media, kind: str | None = None, index=None) -> torch.Tensor:
-        """Pixels of one media value, its kind inferred unless given (see `answer`)."""
-        return load_pixels(media, kind, self.media, index)
+        items = [self.item(media, question, position=i, **fields) for i, (media, question) in enumerate(pairs)]
+        answers = self.answer_items(items, settings, seed, generator)
+        for position, answer in enumerate(answers):
+            if isinstance(answer, RecordError):
+                raise type(answer)(position, answer.reason, answer.path)
+        return [answer.text for answer in answers]
 
 
 def load_lemmatizer():

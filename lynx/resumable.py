@@ -58,14 +58,15 @@ def file_stamp(path: str) -> list:
     return [os.path.abspath(path), stat.st_size, int(stat.st_mtime)]
 
 
-def run_fingerprint(cfg, device: str, seed: int) -> str:
-    """A digest of everything that changes the answers: the config but its worker count, the dtype on `device`,
-    the seed, and the name, size and date of the weight files (of the converted folder, when the run reads one). Records are matched by content (their `key`), so
-    the records themselves are not part of it."""
+def run_fingerprint(cfg, dtype: str, seed: int) -> str:
+    """A digest of everything that changes the answers: the config but its worker count, the run's dtype (the
+    config's resolved for the device), the seed, and the name, size and date of the weight files (of the converted
+    folder, when the run reads one). Records are matched by content (their `key`), so the records themselves are
+    not part of it."""
     settings = cfg.to_dict()
     settings["data"].pop("num_workers")
     weight_paths = (cfg.converted,) if cfg.converted is not None else (cfg.vit_checkpoint, cfg.llm_dir, cfg.checkpoint)
-    settings.update(resolved_dtype=cfg.resolve_dtype(device), seed=seed,
+    settings.update(resolved_dtype=dtype, seed=seed,
                     weights=[file_stamp(p) for p in weight_paths])
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

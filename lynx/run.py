@@ -1,4 +1,6 @@
-"""The loop over a whole test set: batches in, answers streamed out, failures recorded, progress shown."""
+"""The loop over a whole test set: batches in, answers streamed out, failures recorded, progress shown. Each batch
+is answered by the pipeline's one core (`LynxPipeline.answer_batch`, which also halves a batch that runs out of
+memory)."""
 from __future__ import annotations
 
 import logging
@@ -55,42 +57,6 @@ class Progress:
             self.bar.close()
 
 
-def split_batch(batch: Batch, rows: slice, left_pad: bool) -> Batch:
-    """Rows of a collated batch, re-trimmed so that it equals collating those records alone."""
-    ids, mask = batch.input_ids[rows], batch.attention_mask[rows]
-    keep = mask.any(dim=0)
-    span = keep.nonzero()
-    cols = slice(int(span.min()), int(span.max()) + 1) if left_pad else slice(0, int(span.max()) + 1)
-    return Batch(batch.positions[rows], batch.pixel_values[rows], ids[:, cols], mask[:, cols])
-
-
-def answer_with_retry(pipeline: LynxPipeline, batch: Batch, on_failure, visual: torch.Tensor | None = None,
-                      rows: int | None = None, seed: int | None = None) -> list[tuple[int, str]]:
-    """Answers of a batch; on running out of GPU memory, the batch is retried in halves down to one record, each
-    half decoded as a batch of its own size (`rows`: the decoder would otherwise pad it back to its fixed shape)
-    with its rows of the visual prefix, when there is one (a few MB: not worth computing again). `seed`: sampled
-    draws come from a generator seeded with it, afresh for every try and half."""
-    try:
-        generator = pipeline.generator(seed) if seed is not None else None
-        return list(zip(batch.positions, pipeline.answer_batch(batch, visual, generator=generator, rows=rows)))
-    except RuntimeError as err:
-        if not is_out_of_memory(err):
-            raise
-    # Retried outside the except block: the error's traceback holds the failed attempt's tensors until it ends.
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    if len(batch) == 1:
-        on_failure(batch.positions[0], RecordError(None, "out of GPU memory even alone in a batch"))
-        return []
-    log.warning("out of GPU memory on a batch of %d; retrying in halves", len(batch))
-    answered = []
-    for rows_of_half in (slice(0, len(batch) // 2), slice(len(batch) // 2, None)):
-        half = split_batch(batch, rows_of_half, pipeline.cfg.use_left_pad)
-        half_visual = None if visual is None else visual[rows_of_half]
-        answered += answer_with_retry(pipeline, half, on_failure, half_visual, rows=len(half), seed=seed)
-    return answered
-
-
 def with_media_ahead(loader, model) -> Iterator[tuple[Batch, torch.Tensor | None]]:
     """(batch, its visual prefix or None): on CUDA the next batch's ViT and resampler run on a side stream while
     the current batch decodes. A prefix that could not be computed ahead (out of memory) is computed inline."""
@@ -143,7 +109,7 @@ def answer_records(pipeline: LynxPipeline, records: list[Record], run: Resumable
     the plan draws its samples from a generator seeded with `seed + b`, as the original seeded its batches: the draws
     of a batch depend on its records only, not on the process that answers it or on what that process did before."""
     cfg = pipeline.cfg
-    dataset = LynxEvalDataset(records, cfg, pipeline.tokenizer, seed)
+    dataset = LynxEvalDataset(records, pipeline.prepare, cfg.vision_prompt_dict, seed)
     loader = DataLoader(
         dataset,
         batch_sampler=[planned.positions for planned in plan],
@@ -168,8 +134,12 @@ def answer_records(pipeline: LynxPipeline, records: list[Record], run: Resumable
             for position, error in batch.failures:
                 on_failure(position, error)
             if len(batch):
-                answered = answer_with_retry(pipeline, batch, on_failure, visual, seed=seed + planned.number)
-                run.add([records[p] for p, _ in answered], [text for _, text in answered])
+                answers = pipeline.answer_batch(batch, visual, seed=seed + planned.number)
+                for position, error in zip(batch.positions, answers):
+                    if isinstance(error, RecordError):  # out of memory even alone
+                        on_failure(position, error)
+                answered = [(p, a) for p, a in zip(batch.positions, answers) if not isinstance(a, RecordError)]
+                run.add([records[p] for p, _ in answered], [answer.text for _, answer in answered])
             progress.update(len(batch) + len(batch.failures))
     finally:
         progress.close()

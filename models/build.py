@@ -16,7 +16,7 @@ from models.loading import materialise, release_plan
 from models.lynx import Lynx, LynxLlamaForCausalLM, vit_chunk_for
 from models.quantize import Quantizer
 from models.tokenizer import LynxTokenizer
-from models.weight_files import check_weight_files, llm_folder
+from models.weight_files import llm_folder
 
 log = logging.getLogger("lynx")
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
@@ -46,10 +46,12 @@ def model_skeleton(cfg: LynxConfig, llm_config, device: str = "cpu") -> Lynx:
     return model
 
 
-def plan_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, dict, list, LynxTokenizer]:
+def plan_lynx(cfg: LynxConfig, device: str = "cpu",
+              dtype: str | None = None) -> tuple[Lynx, dict, list, LynxTokenizer]:
     """Lynx on the meta device, the plan of its weights with every file checked against its shapes (nothing read
-    yet: a bad file fails in seconds), the load reports and the tokenizer."""
-    dtype = TORCH_DTYPES[cfg.resolve_dtype(device)]
+    yet: a bad file fails in seconds), the load reports and the tokenizer. `dtype`: the run's (default: the
+    config's for the device)."""
+    dtype = TORCH_DTYPES[dtype or cfg.resolve_dtype(device)]
     folder = llm_folder(cfg)
     tokenizer = LynxTokenizer(os.path.join(folder, "tokenizer.model"))
     llm_config = read_llm_config(folder)
@@ -63,12 +65,13 @@ def plan_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, dict, list, L
     return model, plan, reports, tokenizer
 
 
-def build_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, LynxTokenizer]:
-    """The model in eval mode on `device` in the config's dtype (linear layers quantized if the config says so),
-    and its tokenizer. Prints a load report."""
-    check_weight_files(cfg)
-    dtype = TORCH_DTYPES[cfg.resolve_dtype(device)]
-    model, plan, reports, tokenizer = plan_lynx(cfg, device)
+def build_lynx(cfg: LynxConfig, device: str = "cpu", dtype: str | None = None) -> tuple[Lynx, LynxTokenizer]:
+    """The model in eval mode on `device` in `dtype` (default: the config's for the device; linear layers quantized
+    if the config says so), and its tokenizer. Prints a load report. The weight files are checked by the caller
+    (models.weight_files.check_weight_files, before torch is imported); a file that does not fit fails here."""
+    dtype = dtype or cfg.resolve_dtype(device)
+    model, plan, reports, tokenizer = plan_lynx(cfg, device, dtype)
+    dtype = TORCH_DTYPES[dtype]
     quantizer = Quantizer(model, cfg.quantize, device, dtype, vit=cfg.quantize_vit) if cfg.quantize else None
     materialise(model, plan, device, dtype, quantizer)
     model.LLM.config.dtype = dtype

@@ -1,17 +1,20 @@
-"""The batching engine: one queue, one worker per device, answers through `LynxPipeline.answer`. No HTTP here.
+"""The batching engine: one queue, one worker per device, answers through the pipeline's one core
+(`LynxPipeline.answer_items`). No HTTP here.
 
-Requests wait in a bounded queue. The worker takes the oldest one, waits up to `window` seconds for more of the same
-batch key (media kind, decoding settings and `shape`), takes up to `batch_size` of them in arrival order and
-answers them as one batch on a thread of its own, so the event loop keeps serving. Lynx's answers do not depend on
-left padding or on what else is in a batch when decoding is deterministic, so batching changes only the speed.
+Requests arrive prepared (`Item`s: prompt ids and pixels, made once) and wait in a bounded queue. The worker takes
+the oldest one, waits up to `window` seconds for more of the same batch key (media kind, decoding settings and
+`shape`), takes up to `batch_size` of them in arrival order and answers them as one batch on a thread of its own, so
+the event loop keeps serving. Lynx's answers do not depend on left padding or on what else is in a batch when
+decoding is deterministic, so batching changes only the speed.
 
-Sampled decoding with a `seed` runs alone, drawing from a generator seeded with it (`LynxPipeline.answer(...,
-seed=)`): the same request and seed give the same answer on the same server, whatever else is waiting or was asked
-before. (Alone, because a row's draws depend on its place and on the other rows of its batch.) Sampled requests
-without a seed batch together and draw from the device's running default generator.
+Sampled decoding with a `seed` runs alone, drawing from a generator seeded with it (`answer_items(..., seed=)`):
+the same request and seed give the same answer on the same server, whatever else is waiting or was asked before.
+(Alone, because a row's draws depend on its place and on the other rows of its batch.) Sampled requests without a
+seed batch together and draw from the device's running default generator.
 
-A batch that runs out of GPU memory is retried in halves down to single requests (as generate.py does); a batch
-that fails otherwise is retried one request at a time, so a request that fails, fails alone.
+A batch that runs out of GPU memory is halved by the pipeline, as generate.py's are, down to single requests; a
+request that does not fit even alone gets OutOfMemory. A batch that fails otherwise is retried one request at a
+time, so a request that fails, fails alone.
 """
 from __future__ import annotations
 
@@ -21,11 +24,6 @@ import time
 from collections import Counter, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
-
-import torch
-
-from decoding.cuda import is_out_of_memory
 
 log = logging.getLogger("lynx.server")
 
@@ -34,21 +32,16 @@ class QueueFull(Exception):
     """More requests are waiting than the queue holds."""
 
 
-class OutOfMemory(Exception):
-    """A request that does not fit on the device even alone in a batch."""
-
-
 @dataclass(eq=False)
 class Work:
-    """One question about one media value, with its decoding settings (a DecodingSettings)."""
+    """One prepared request (a dataset.batching.Item) of a media kind, with its decoding settings (a
+    DecodingSettings); it resolves to a lynx.pipeline.Answer."""
 
-    media: object  # PIL image | list of PIL frames | path of a video file
-    question: str
+    item: object
     kind: str  # "image" | "video"
     settings: object
     seed: int | None = None
     shape: int | None = None  # requests share a batch only when this is equal too (see ChatService.shape)
-    release: Callable[[], None] = lambda: None  # called once the engine is done with the media (answered or dropped)
     future: asyncio.Future | None = field(default=None, repr=False)
     started: bool = False
 
@@ -96,8 +89,7 @@ class Engine:
         self.worker = asyncio.get_running_loop().create_task(self._run(), name="lynx-engine")
 
     async def stop(self) -> None:
-        """Answer what is queued and the batch that runs (so that its media are released too), then stop the
-        worker."""
+        """Answer what is queued and the batch that runs, then stop the worker."""
         while (self.waiting or self.busy) and self.worker is not None and not self.worker.done():
             self.arrived.set()
             await asyncio.sleep(0.01)
@@ -108,8 +100,6 @@ class Engine:
             except asyncio.CancelledError:
                 pass
         self.executor.shutdown(wait=True)
-        for work in self.waiting:
-            work.release()
 
     @property
     def queued(self) -> int:
@@ -135,7 +125,6 @@ class Engine:
             self.stats.batches += 1
             self.stats.batch_sizes[len(batch)] += 1
             for work, result in zip(batch, results):
-                work.release()
                 if work.future.done():  # cancelled while it ran: the answer has nobody to go to
                     continue
                 if isinstance(result, BaseException):
@@ -183,27 +172,15 @@ class Engine:
     def _drop_cancelled(self) -> None:
         for work in [w for w in self.waiting if w.future.cancelled()]:
             self.waiting.remove(work)
-            work.release()
             self.stats.dropped += 1
 
     def _answer(self, batch: list[Work]) -> list:
-        """Answers (or exceptions) of a batch, on the model's thread: halves on out-of-memory, one by one on any
-        other failure."""
+        """Answers (or exceptions) of a batch, on the model's thread; one by one on a failure other than memory
+        (which the pipeline handles)."""
         try:
-            pairs = [(w.media, w.question) for w in batch]
             seed = batch[0].seed if batch[0].alone else None
-            return self.pipeline.answer(pairs, settings=batch[0].settings, seed=seed)
+            return self.pipeline.answer_items([w.item for w in batch], settings=batch[0].settings, seed=seed)
         except Exception as err:  # noqa: BLE001 - every failure goes back to its request
-            failure = err
-        # Retried outside the except block: the traceback holds the failed attempt's tensors until it ends.
-        if is_out_of_memory(failure):
-            if torch.cuda.is_available():
-                torch.cuda.empty_cache()
             if len(batch) == 1:
-                return [OutOfMemory("out of GPU memory even alone in a batch")]
-            log.warning("out of GPU memory on a batch of %d; retrying in halves", len(batch))
-            half = len(batch) // 2
-            return self._answer(batch[:half]) + self._answer(batch[half:])
-        if len(batch) == 1:
-            return [failure]
+                return [err]
         return [result for work in batch for result in self._answer([work])]

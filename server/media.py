@@ -1,19 +1,19 @@
-"""A request's media, made into what `LynxPipeline.answer` takes: a PIL image, a list of PIL frames, or the path of
-a video file. Runs on a worker thread (base64 and image decoding stay off the event loop).
+"""A request's media, made into what `LynxPipeline.item` reads: the bytes or path of an image, a list of them (the
+frames of a video), or the path of a video file. Nothing is decoded here: the pipeline reads each image once, by the
+test files' rules (dataset/images.py: the pixel limit, 8 bits per channel), when the request is prepared.
 
 One `image_url` part is an image. Several `image_url` parts are the frames of one video, in order (lmms-eval sends
-videos so). A `video_url` part is a video file (mp4, webm, ... or the original's .json list of base64 frames); its
-bytes go to a private temporary file that `Media.close` removes after the answer.
+videos so); only the frames Lynx samples are decoded. A `video_url` part is a video file (mp4, webm, ... or the
+original's .json list of base64 frames); its bytes go to a private temporary file that `Media.close` removes once the
+request is prepared.
 """
 from __future__ import annotations
 
 import os
 import tempfile
 from dataclasses import dataclass
+from pathlib import Path
 
-from PIL import Image
-
-from dataset.images import ImageProblem, NotAnImage, rgb_image
 from server.errors import APIError
 from server.security import Limits, locate
 
@@ -24,7 +24,7 @@ VIDEO_SUFFIX = {"video/mp4": ".mp4", "video/webm": ".webm", "video/x-matroska": 
 @dataclass
 class Media:
     kind: str  # "image" | "video"
-    value: object  # what LynxPipeline.answer takes
+    value: object  # what LynxPipeline.item reads
     temporary: str | None = None  # a file of ours to remove
 
     def close(self) -> None:
@@ -52,15 +52,10 @@ def load_media(images: list[tuple[str, str]], videos: list[tuple[str, str]], lim
     return Media("image", frames[0]) if len(frames) == 1 else Media("video", frames)
 
 
-def _image(url: str, param: str, limits: Limits) -> Image.Image:
-    """An RGB image by the test files' rules (dataset.images.rgb_image: the pixel limit, 8 bits per channel)."""
+def _image(url: str, param: str, limits: Limits) -> bytes | Path:
+    """The bytes (a data: or http URL) or the path (inside the media root) of one image."""
     source = locate(url, limits, param)
-    try:
-        return rgb_image(source.data if source.data is not None else source.path)
-    except NotAnImage:
-        raise APIError(400, "cannot read the image (not an image PIL can read)", param) from None
-    except ImageProblem as problem:
-        raise APIError(400, f"cannot read the image ({problem})", param) from None
+    return source.data if source.data is not None else Path(source.path)
 
 
 def _video(url: str, param: str, limits: Limits) -> Media:

@@ -1,29 +1,33 @@
 """From a checked chat request to an answer: the question and media of the conversation, the decoding settings,
-the engine's answer, the OpenAI response (or its stream of chunks).
+the request prepared once, the engine's answer, the OpenAI response (or its stream of chunks).
 
 Lynx is a single-turn VQA model: its prompt holds one question about one image or video. The question is the text
 of the last message, which must be the user's (several text parts are joined by newlines); the media are the
 image/video parts of that message or, when it has none, of the latest earlier user message that has some. Other
 turns (system prompts, earlier questions, the assistant's answers) are not shown to the model. The question fills
-the config's `prompt` as `{question}`, exactly as generate.py fills it from a record.
+the config's `prompt` as `{question}`, exactly as generate.py fills it from a record, and is tokenized with the
+media read, once, on a worker thread (`prepare`).
 
-Decoding: the config's, changed by the request's fields. `max_tokens` (or `max_completion_tokens`) is
-`max_new_tokens`; `temperature: 0` turns sampling off (beam search with the config's `num_beams`, greedy when 1);
-a temperature above 0 turns sampling on with that temperature; `top_p`, and Lynx's own `num_beams`, `top_k`,
-`length_penalty`, `no_repeat_ngram_size`, replace the config's values; `seed` makes sampled answers repeatable.
+Decoding: the config's, changed by the request's fields, one per decoding option (configs/decoding.py).
+`max_tokens` (or `max_completion_tokens`) is `max_new_tokens`; `temperature: 0` turns sampling off (beam search
+with the config's `num_beams`, greedy when 1); a temperature above 0 turns sampling on with that temperature; the
+other options (`top_p`, and Lynx's own `num_beams`, `top_k`, `length_penalty`, ...) replace the config's values;
+`seed` makes sampled answers repeatable. The usage and the finish reason come from the answer's ids.
 """
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
-from dataset.prompt import format_prompt
+from configs.decoding import request_fields
 from errors import InputError, RecordError
-from server.engine import Engine, OutOfMemory, QueueFull, Work
+from lynx.pipeline import Answer, OutOfMemory
+from server.engine import Engine, QueueFull, Work
 from server.errors import APIError
 from server.media import load_media
 from server.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
@@ -31,35 +35,38 @@ from server.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChu
 from server.security import Limits
 
 DISCONNECT_POLL_S = 0.1
-LYNX_FIELDS = ("top_p", "num_beams", "top_k", "length_penalty", "no_repeat_ngram_size")
 
 
 class ChatService:
     def __init__(self, pipeline, engine: Engine, limits: Limits, model_name: str):
         self.pipeline, self.engine, self.limits, self.model_name = pipeline, engine, limits, model_name
-        cfg = pipeline.cfg
-        self.prompt, self.lower_text, self.max_input_tokens = cfg.prompt, cfg.lower_text, cfg.max_input_tokens
-        self.visual_tokens = cfg.num_bridge_tokens
+        self.visual_tokens = pipeline.cfg.num_bridge_tokens
 
     def settings(self, request: ChatCompletionRequest):
-        """The config's decoding with the request's changes, checked (400 naming the key otherwise)."""
-        changes = {name: getattr(request, name) for name in LYNX_FIELDS if getattr(request, name) is not None}
-        max_tokens = request.max_tokens or request.max_completion_tokens
-        if max_tokens is not None:
-            changes["max_new_tokens"] = max_tokens
-        if request.temperature == 0:
+        """The config's decoding with the request's changes, checked: 400 naming the field, for a value the settings
+        refuse or one over the server's limit of what a request may cost (`Limits.decoding`)."""
+        fields = request_fields()
+        changes = {name: getattr(request, field) for name, field in fields.items()
+                   if getattr(request, field) is not None}
+        if request.max_tokens is None and request.max_completion_tokens is not None:
+            changes["max_new_tokens"] = request.max_completion_tokens
+            fields["max_new_tokens"] = "max_completion_tokens"
+        for name, value in changes.items():
+            flag = request_fields()[name]  # the limit's name: max_completion_tokens is bounded as max_tokens
+            limit = self.limits.decoding.get(flag)
+            if limit is not None and value > limit:
+                raise APIError(400, f"{fields[name]} is {value}, over the server's limit of {limit} "
+                                    f"(--{flag.replace('_', '-')}-limit)", fields[name])
+        temperature = changes.pop("temperature", None)
+        if temperature == 0:
             changes["use_nucleus_sampling"] = False
-        elif request.temperature is not None:
-            changes.update(use_nucleus_sampling=True, temperature=request.temperature)
-        try:
-            return self.pipeline.settings.replace(**changes) if changes else self.pipeline.settings
-        except InputError as err:
-            raise APIError(400, str(err)) from None
-
-    def prompt_tokens(self, question: str) -> int:
-        """How many text tokens the prompt of `question` has, as the pipeline builds it."""
-        text = format_prompt(self.prompt, {"question": question}, self.lower_text)
-        return len(self.pipeline.tokenizer.encode(text, self.max_input_tokens))
+        elif temperature is not None:
+            changes.update(use_nucleus_sampling=True, temperature=temperature)
+        settings = dataclasses.replace(self.pipeline.settings, **changes)
+        problem = settings.problem(names=fields)
+        if problem:
+            raise APIError(400, problem[1], fields.get(problem[0]))
+        return settings
 
     def shape(self, prompt_tokens: int) -> int | None:
         """With `use_left_pad: False` a padded row's answer depends on the longer rows of its batch (the original
@@ -67,25 +74,33 @@ class ChatService:
         so that every answer is the request's own. Left padding (the default) changes no answer."""
         return None if self.pipeline.cfg.use_left_pad else prompt_tokens
 
-    async def answer(self, request: ChatCompletionRequest, http: Request) -> tuple[str, object, int]:
-        """(answer, settings, prompt tokens) for a checked request; waits for the engine, gives up on a client
-        that left."""
+    def prepare(self, question: str, images: list, videos: list) -> tuple[str, object]:
+        """(media kind, Item) of a request, on a worker thread: the media located, then the prompt tokenized and
+        the media read into pixels by the pipeline, once. A temporary video file is removed once read."""
+        media = load_media(images, videos, self.limits)
+        try:
+            return media.kind, self.pipeline.item(media.value, question, media.kind)
+        except RecordError as err:
+            parts = images + videos
+            param = parts[0][1] if len(parts) == 1 else parts[0][1].rsplit(".", 2)[0]  # the part, or the message
+            raise APIError(400, err.reason, param, code="unusable_media") from None
+        finally:
+            media.close()
+
+    async def answer(self, request: ChatCompletionRequest, http: Request) -> tuple[Answer, int]:
+        """(answer, prompt tokens) of a checked request; waits for the engine, gives up on a client that left."""
         question, images, videos = conversation(request)
         settings = self.settings(request)
-        prompt_tokens = self.prompt_tokens(question)
-        media = await run_in_threadpool(load_media, images, videos, self.limits)
-        # The engine removes a temporary video once it is done with it, also when the client has left meanwhile.
-        work = Work(media.value, question, media.kind, settings, request.seed, self.shape(prompt_tokens), media.close)
+        kind, item = await run_in_threadpool(self.prepare, question, images, videos)
         try:
-            future = self.engine.submit(work)
+            future = self.engine.submit(Work(item, kind, settings, request.seed, self.shape(len(item.input_ids))))
         except QueueFull:
-            media.close()
             raise APIError(503, f"the server is busy: {self.limits.queue_size} requests are waiting or being "
                                 f"answered (--queue-size); try again shortly", code="queue_full",
                            headers={"Retry-After": "1"}) from None
-        return await self._wait(future, http), settings, prompt_tokens
+        return await self._wait(future, http), self.visual_tokens + len(item.input_ids)
 
-    async def _wait(self, future: asyncio.Future, http: Request) -> str:
+    async def _wait(self, future: asyncio.Future, http: Request) -> Answer:
         deadline = time.monotonic() + self.limits.request_timeout
         while not future.done():
             if await http.is_disconnected():
@@ -98,24 +113,21 @@ class ChatService:
             await asyncio.wait([future], timeout=DISCONNECT_POLL_S)
         try:
             return future.result()
+        except OutOfMemory as err:
+            raise APIError(503, err.reason, code="out_of_memory") from None
         except (RecordError, InputError, ValueError) as err:
             raise APIError(400, getattr(err, "reason", None) or str(err), code="unusable_media") from None
-        except OutOfMemory as err:
-            raise APIError(503, str(err), code="out_of_memory") from None
 
-    def usage(self, prompt_tokens: int, answer: str, settings) -> tuple[Usage, str]:
-        """Token counts (the visual prefix counts as prompt tokens) and the finish reason. The pipeline returns
-        text, so the answer's tokens are counted by encoding it again."""
-        prompt = prompt_tokens + self.visual_tokens
-        completion = len(self.pipeline.tokenizer.encode(answer, 10**9)) - 1  # less the BOS encode() adds
-        finish = "length" if completion >= settings.max_new_tokens else "stop"
-        return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion), finish
+    @staticmethod
+    def usage(prompt_tokens: int, answer: Answer) -> Usage:
+        """Token counts from the ids: the prompt's (the visual prefix counts) and the answer's, EOS included."""
+        return Usage(prompt_tokens=prompt_tokens, completion_tokens=len(answer.ids),
+                     total_tokens=prompt_tokens + len(answer.ids))
 
     async def complete(self, request: ChatCompletionRequest, http: Request) -> ChatCompletion:
-        answer, settings, prompt_tokens = await self.answer(request, http)
-        usage, finish = self.usage(prompt_tokens, answer, settings)
-        return ChatCompletion(model=self.model_name, usage=usage,
-                              choices=[Choice(message=AssistantMessage(content=answer), finish_reason=finish)])
+        answer, prompt_tokens = await self.answer(request, http)
+        return ChatCompletion(model=self.model_name, usage=self.usage(prompt_tokens, answer), choices=[
+            Choice(message=AssistantMessage(content=answer.text), finish_reason=answer.finish)])
 
     def chunks(self, completion: ChatCompletion, include_usage: bool) -> list[str]:
         """The server-sent events of a finished answer: the whole answer in one chunk, then the finish reason

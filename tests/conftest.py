@@ -93,16 +93,23 @@ def build_tiny_lynx(**overrides):
     return cfg, model, tokenizer
 
 
+def eval_dataset(records, cfg, tokenizer, seed: int = 0):
+    """generate.py's dataset of `records` for a config and tokenizer (a pipeline makes its Preparer once)."""
+    from dataset.batching import LynxEvalDataset, Preparer
+
+    return LynxEvalDataset(records, Preparer.from_config(cfg, tokenizer), cfg.vision_prompt_dict, seed)
+
+
 def image_batcher(cfg, tokenizer):
     """`batch(positions)`: the fixture's image records at those positions, collated (left-padded) into a Batch."""
-    from dataset.batching import Collator, LynxEvalDataset
+    from dataset.batching import Collator
     from dataset.records import read_jsonl
 
     cwd = os.getcwd()
     os.chdir(FIXTURE)
     try:
         records = read_jsonl("./data/Open_VQA_images_tiny.jsonl")
-        dataset = LynxEvalDataset(records, cfg, tokenizer)
+        dataset = eval_dataset(records, cfg, tokenizer)
         items = [dataset[p] for p in range(len(records))]
     finally:
         os.chdir(cwd)

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import yaml
 
-from conftest import ROOT
+from conftest import FIXTURE, ROOT
 
 START_TIMEOUT_S = 180
 
@@ -41,6 +41,16 @@ def image_message(question: str, *urls: str) -> list[dict]:
 def video_message(question: str, url: str) -> list[dict]:
     return [{"role": "user", "content": [{"type": "text", "text": question},
                                          {"type": "video_url", "video_url": {"url": url}}]}]
+
+
+def messages_of(record: dict) -> list[dict]:
+    """The chat messages that ask what generate.py asks for a record of the tiny fixture."""
+    if "image" in record:
+        return image_message(record["question"], data_url(FIXTURE / record["image"]))
+    video = record["video"]
+    if isinstance(video, list):  # inline base64 frames: the frames of a video, as lmms-eval sends them
+        return image_message(record["question"], *[f"data:image/png;base64,{f}" for f in video])
+    return video_message(record["question"], data_url(FIXTURE / video))
 
 
 class Server:

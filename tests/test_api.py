@@ -51,7 +51,8 @@ def image_forms(path: str):
 @pytest.mark.parametrize("form", ["str", "Path", "PIL", "base64", "data URI"])
 def test_image_forms_give_the_original_pixels(lynx, expected_pixels, in_fixture, form):
     media = image_forms(IMAGES[17]["image"])[form]
-    torch.testing.assert_close(lynx._pixels(media), expected_pixels[("image", 17)], atol=1e-6, rtol=0)
+    pixels = lynx.item(media, "What is it?").pixel_values
+    torch.testing.assert_close(pixels, expected_pixels[("image", 17)], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("index, form", [(1, "str"), (1, "Path"), (2, "str"), (2, "Path"), (129, "list")])
@@ -60,7 +61,8 @@ def test_video_forms_give_the_original_pixels(lynx, expected_pixels, in_fixture,
     video = VIDEOS[index]["video"]
     media = Path(video) if form == "Path" else video
     assert isinstance(video, list) == (form == "list")
-    torch.testing.assert_close(lynx._pixels(media), expected_pixels[("video", index)], atol=1e-6, rtol=0)
+    pixels = lynx.item(media, "What is it?").pixel_values
+    torch.testing.assert_close(pixels, expected_pixels[("video", index)], atol=1e-6, rtol=0)
 
 
 @pytest.mark.parametrize("count", [1, 2, 3, 5, 7, 12])
@@ -70,7 +72,7 @@ def test_frame_lists_of_any_length_are_sampled_like_a_video(lynx, count, as_base
     media = frames
     if as_base64:
         media = [base64.b64encode(image_bytes(frame, "PNG")).decode() for frame in frames]
-    pixels = lynx._pixels(media)
+    pixels = lynx.item(media, "What is it?").pixel_values
     assert pixels.shape == (5, 3, 84, 84)
     transform = image_transform(84, lynx.cfg.image_mean, lynx.cfg.image_std)
     ids = sample_frame_indices(count, 5)

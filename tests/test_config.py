@@ -10,7 +10,7 @@ import yaml
 
 from configs.decoding import DecodingSettings
 from configs.schema import DataConfig, LynxConfig, VitConfig, config_from_dict, load_config, parse_override
-from conftest import FIXTURE, ROOT, fixture_config
+from conftest import FIXTURE, ROOT, eval_dataset, fixture_config
 from errors import InputError
 
 # The released LYNX.yaml's keys and values.
@@ -335,7 +335,6 @@ def test_max_input_tokens_zero_or_less_means_no_truncation(written, stored):
 def test_max_input_tokens_zero_or_less_keeps_the_whole_prompt(in_fixture):
     """Through the dataset's encode path: a prompt longer than 40 ids keeps all of them (BOS first) at 0 or -5,
     and only its last 40 at 40, as the original's `if max_input_tokens > 0: ids = ids[-max_input_tokens:]`."""
-    from dataset.batching import LynxEvalDataset
     from dataset.records import read_jsonl as read_records
     from models.tokenizer import LynxTokenizer
 
@@ -345,7 +344,7 @@ def test_max_input_tokens_zero_or_less_keeps_the_whole_prompt(in_fixture):
     ids = {}
     for written in (40, 0, -5):
         cfg = config_from_dict(fixture_config(max_input_tokens=written))
-        ids[written] = LynxEvalDataset([record], cfg, tokenizer)[0].input_ids
+        ids[written] = eval_dataset([record], cfg, tokenizer)[0].input_ids
     assert len(ids[0]) > 40 and ids[0][0] == tokenizer.bos_id
     assert ids[-5] == ids[0]
     assert ids[40] == ids[0][-40:]

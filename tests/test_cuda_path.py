@@ -138,7 +138,6 @@ def test_out_of_memory_while_capturing_reaches_the_halving(tiny, monkeypatch, wh
     """Out of memory in the warm-up or inside a capture is no reason to turn graphs off: it reaches the run's retry,
     which decodes halves at their own (smaller) size, with graphs; the stream and the allocator are restored."""
     from lynx.pipeline import LynxPipeline
-    from lynx.run import answer_with_retry
 
     expected = [tiny.tok.decode(row) for row in eager_answers(tiny, [0, 1, 2, 3], tiny.settings).tolist()]
     fake = FakeCuda()
@@ -147,8 +146,7 @@ def test_out_of_memory_while_capturing_reaches_the_halving(tiny, monkeypatch, wh
     pipeline.settings = tiny.settings
     pipeline.decoder = graph_decoder(tiny, fake, batch_size=4)
     batch = tiny.batch([0, 1, 2, 3])
-    answers = answer_with_retry(pipeline, batch, lambda *failure: pytest.fail(f"{failure}"))
-    assert answers == list(zip(batch.positions, expected))
+    assert [answer.text for answer in pipeline.answer_batch(batch)] == expected
     decoder = pipeline.decoder
     assert decoder.cuda_graphs and fake.current.name == "default"
     assert fake.abandoned == (1 if where == "capture" else 0)
@@ -161,7 +159,6 @@ def test_a_smaller_workspace_after_running_out_of_memory(tiny, monkeypatch):
     (the retry halves it) instead of building the 4-row cache again."""
     import decoding.fast
     from lynx.pipeline import LynxPipeline
-    from lynx.run import answer_with_retry
 
     runs = ([0, 1, 2, 3], [4, 5, 6, 7], [8, 9])
     expected = [[tiny.tok.decode(row) for row in eager_answers(tiny, p, tiny.settings).tolist()] for p in runs]
@@ -180,7 +177,7 @@ def test_a_smaller_workspace_after_running_out_of_memory(tiny, monkeypatch):
     pipeline.decoder = FastDecoder(tiny.model.LLM, tiny.tok, prompt_len=72, prefix_len=32, batch_size=4)
     for positions, answers in zip(runs, expected):
         batch = tiny.batch(positions)
-        assert answer_with_retry(pipeline, batch, lambda *f: pytest.fail(f"{f}")) == list(zip(positions, answers))
+        assert [answer.text for answer in pipeline.answer_batch(batch)] == answers
     assert built == [4, 2]  # the cache that failed, then the smaller one for every later batch and half
     assert [t.shape[0] for t in pipeline.decoder.workspace.k] == [2, 2]
 
@@ -378,9 +375,9 @@ def test_the_pipeline_works_on_its_device(tiny, monkeypatch):
     assert seen == [["cuda:1"]]
     monkeypatch.setattr(lynx.pipeline, "check_device", lambda device: None)
     monkeypatch.setattr(lynx.pipeline, "build_lynx",
-                        lambda cfg, device: (seen.append(list(active)), (tiny.model, tiny.tok))[1])
+                        lambda cfg, device, dtype: (seen.append(list(active)), (tiny.model, tiny.tok))[1])
     monkeypatch.setattr(lynx.pipeline, "make_decoder", lambda *a: None)
-    lynx.pipeline.LynxPipeline.from_config(tiny.cfg, "cuda:1")
+    lynx.pipeline.LynxPipeline.build(tiny.cfg, "cuda:1")
     assert seen[-1] == ["cuda:1"]
 
     selected = []

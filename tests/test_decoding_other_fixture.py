@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from configs.decoding import DecodingSettings
+from conftest import eval_dataset
 from configs.schema import config_from_dict
-from dataset.batching import Collator, LynxEvalDataset, batches_by_media
+from dataset.batching import Collator, batches_by_media
 from dataset.records import read_jsonl
 from decoding import FastDecoder, make_decoder
 from models.build import build_lynx
@@ -29,7 +30,7 @@ def other(tmp_path_factory):
         for kind, data in (("image", "Open_VQA_images_tiny.jsonl"), ("video", "Open_VQA_videos_tiny.jsonl")):
             cfg.vision_prompt_dict = kind
             records = read_jsonl(str(root / "data" / data))
-            dataset = LynxEvalDataset(records, cfg, tokenizer)
+            dataset = eval_dataset(records, cfg, tokenizer)
             collate = Collator(tokenizer.pad_id, left_pad=cfg.use_left_pad)
             fused[kind] = []
             for positions in batches_by_media(records, list(range(len(records))), kind, 3)[:2]:

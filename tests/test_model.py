@@ -5,8 +5,8 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import FIXTURE, build_tiny_lynx
-from dataset.batching import Collator, LynxEvalDataset
+from conftest import FIXTURE, build_tiny_lynx, eval_dataset
+from dataset.batching import Collator
 from dataset.records import read_jsonl
 from models.lynx import positions_from_mask
 from models.vision_encoder import resize_pos_embed
@@ -24,7 +24,7 @@ def batch_of(cfg, tokenizer, kind, positions):
     data = "Open_VQA_images_tiny.jsonl" if kind == "images" else "Open_VQA_videos_tiny.jsonl"
     cfg.vision_prompt_dict = "image" if kind == "images" else "video"
     records = read_jsonl(f"./data/{data}")
-    dataset = LynxEvalDataset(records, cfg, tokenizer)
+    dataset = eval_dataset(records, cfg, tokenizer)
     batch = Collator(tokenizer.pad_id, cfg.use_left_pad)([dataset[p] for p in positions])
     return records, batch, load_file(FIXTURE / "expected" / f"{kind}_tensors.safetensors")
 

@@ -3,8 +3,9 @@ decides how files load and how answers are decoded."""
 import pytest
 import torch
 
+from conftest import eval_dataset
 from configs.schema import config_from_dict
-from dataset.batching import Collator, LynxEvalDataset, batches_by_media
+from dataset.batching import Collator, batches_by_media
 from dataset.records import read_jsonl
 from models.build import build_lynx
 from state_files import read_state_file
@@ -48,7 +49,7 @@ def test_right_padded_greedy_follows_the_rule(other, kind, batch_size):
     cfg.vision_prompt_dict, cfg.batch_size_test = kind, batch_size
     data = "Open_VQA_images_tiny.jsonl" if kind == "image" else "Open_VQA_videos_tiny.jsonl"
     records = read_jsonl(str(root / "data" / data))
-    dataset = LynxEvalDataset(records, cfg, tokenizer)
+    dataset = eval_dataset(records, cfg, tokenizer)
     collate = Collator(tokenizer.pad_id, left_pad=False)
     from configs.decoding import DecodingSettings
     from decoding import HFDecoder

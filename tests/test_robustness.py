@@ -19,10 +19,11 @@ import yaml
 
 import generate
 from dataset.batching import Collator, Item
-from lynx.pipeline import LynxPipeline
+from configs.decoding import DecodingSettings
+from lynx.pipeline import Answer, LynxPipeline, OutOfMemory
 from lynx.resumable import ResumableRun
-from lynx.run import Progress, answer_with_retry
-from tests.conftest import FIXTURE, fixture_config, one_line_error, read_jsonl, run_main
+from lynx.run import Progress
+from tests.conftest import FIXTURE, eval_dataset, fixture_config, one_line_error, read_jsonl, run_main
 
 IMAGES_JSONL = FIXTURE / "data" / "Open_VQA_images_tiny.jsonl"
 
@@ -357,11 +358,13 @@ def test_line_torn_by_a_crash_is_answered_again(tmp_path, in_fixture):
 # ---------------------------------------------------------------- out of GPU memory: halves, down to one record
 
 
-class FakePipeline:
-    """answer_batch runs out of memory on batches larger than `fits`, and on `always_fails` even alone."""
+class FakePipeline(LynxPipeline):
+    """A pipeline whose one try at a batch (`decode_batch`) runs out of memory on batches larger than `fits`, and
+    on `always_fails` even alone: what is left to see is the core's halving."""
 
     def __init__(self, left_pad: bool, fits: int, always_fails=(), error=torch.OutOfMemoryError):
-        self.cfg = type("Cfg", (), {"use_left_pad": left_pad})()
+        self.cfg = SimpleNamespace(use_left_pad=left_pad)
+        self.settings = DecodingSettings()
         self.fits, self.always_fails, self.error = fits, set(always_fails), error
         self.seen, self.rows, self.draws = [], [], []
         self.retried_inside_except = False
@@ -369,7 +372,7 @@ class FakePipeline:
     def generator(self, seed):
         return torch.Generator().manual_seed(seed)
 
-    def answer_batch(self, batch, visual=None, generator=None, rows=None):
+    def decode_batch(self, batch, visual, settings, generator=None, rows=None):
         self.seen.append(batch)
         self.rows.append(rows)
         self.draws.append(None if generator is None else torch.rand(2, generator=generator).tolist())
@@ -377,7 +380,7 @@ class FakePipeline:
         self.retried_inside_except |= sys.exc_info()[0] is not None
         if len(batch) > self.fits or self.always_fails & set(batch.positions):
             raise self.error("CUDA out of memory. Tried to allocate 2.00 GiB")
-        return [f"answer {p}" for p in batch.positions]
+        return [Answer([p], f"answer {p}", "stop") for p in batch.positions]
 
 
 def items(lengths):
@@ -394,14 +397,14 @@ def same_batch(a, b) -> bool:
 @pytest.mark.parametrize("left_pad", [True, False])
 @pytest.mark.parametrize("error", [torch.OutOfMemoryError, RuntimeError])
 def test_out_of_memory_retries_in_halves_trimmed_as_collated(left_pad, error):
+    """The one halving, which generate.py's loop and the server both go through (LynxPipeline.answer_batch)."""
     lengths = [3, 7, 2, 5, 4]
     collate = Collator(pad_id=0, left_pad=left_pad)
     pipeline = FakePipeline(left_pad, fits=1, always_fails=[3], error=error)
-    failures = []
-    answers = answer_with_retry(pipeline, collate(items(lengths)), lambda p, e: failures.append((p, e)), seed=7)
+    answers = pipeline.answer_batch(collate(items(lengths)), seed=7)
 
-    assert answers == [(0, "answer 0"), (1, "answer 1"), (2, "answer 2"), (4, "answer 4")]
-    assert [(p, e.reason) for p, e in failures] == [(3, "out of GPU memory even alone in a batch")]
+    assert [a.text for a in answers if isinstance(a, Answer)] == ["answer 0", "answer 1", "answer 2", "answer 4"]
+    assert isinstance(answers[3], OutOfMemory) and answers[3].reason == "out of GPU memory even alone in a batch"
     assert not pipeline.retried_inside_except
     tried = [[0, 1, 2, 3, 4], [0, 1], [0], [1], [2, 3, 4], [2], [3, 4], [3], [4]]
     assert [b.positions for b in pipeline.seen] == tried
@@ -415,20 +418,20 @@ def test_out_of_memory_retries_in_halves_trimmed_as_collated(left_pad, error):
 def test_other_runtime_errors_are_not_retried():
     pipeline = FakePipeline(True, fits=0, error=lambda message: RuntimeError("shape mismatch"))
     with pytest.raises(RuntimeError, match="shape mismatch"):
-        answer_with_retry(pipeline, Collator(0, True)(items([2, 3])), lambda p, e: None)
+        pipeline.answer_batch(Collator(0, True)(items([2, 3])))
     assert len(pipeline.seen) == 1
 
 
 def test_a_record_failing_alone_is_reported_by_the_run(tmp_path, in_fixture, monkeypatch):
     """Through answer_records: the record lands in the errors file and the others are answered."""
-    real = LynxPipeline.answer_batch
+    real = LynxPipeline.decode_batch
 
-    def answer_batch(self, batch, visual=None, **kw):
+    def decode_batch(self, batch, *args, **kw):
         if 2 in batch.positions:
             raise torch.OutOfMemoryError("CUDA out of memory")
-        return real(self, batch, visual, **kw)
+        return real(self, batch, *args, **kw)
 
-    monkeypatch.setattr(LynxPipeline, "answer_batch", answer_batch)
+    monkeypatch.setattr(LynxPipeline, "decode_batch", decode_batch)
     assert run_main(fixture_config(), tmp_path) == 2
     expected = read_jsonl(FIXTURE / "expected" / "images_greedy.jsonl")
     assert read_jsonl(tmp_path / "answers.jsonl") == expected[:2] + expected[3:]
@@ -471,14 +474,13 @@ def test_progress_bar_on_a_terminal(monkeypatch, capsys, caplog):
 
 def test_visual_prefix_computed_ahead_is_the_batch_own(in_fixture):
     """The loop hands each batch the prefix of its own media (computed one batch ahead on CUDA)."""
-    from dataset.batching import LynxEvalDataset
     from dataset.records import read_jsonl as read_records
     from lynx.run import with_media_ahead
     from conftest import build_tiny_lynx
 
     cfg, model, tokenizer = build_tiny_lynx()
     records = read_records("./data/Open_VQA_images_tiny.jsonl")
-    dataset = LynxEvalDataset(records, cfg, tokenizer)
+    dataset = eval_dataset(records, cfg, tokenizer)
     collate = Collator(tokenizer.pad_id, True)
     loader = [collate([dataset[p] for p in positions]) for positions in ([0, 1, 2], [3], [4, 5])]
     pairs = list(with_media_ahead(loader, model))

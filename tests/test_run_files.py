@@ -332,7 +332,8 @@ def fingerprint_of(device="cpu", seed=42, **changes) -> str:
     for key, value in changes.items():
         section, _, name = key.rpartition(".")
         (raw[section] if section else raw)[name] = value
-    return run_fingerprint(config_from_dict(raw), device, seed)
+    cfg = config_from_dict(raw)
+    return run_fingerprint(cfg, cfg.resolve_dtype(device), seed)
 
 
 @pytest.mark.parametrize("key", CHANGES)

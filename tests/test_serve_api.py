@@ -19,7 +19,7 @@ from openai import OpenAI
 from PIL import Image
 
 from conftest import FIXTURE, fixture_config, read_jsonl, run_generate
-from serve_helpers import Server, answer_of, data_url, image_message, video_message
+from serve_helpers import Server, answer_of, data_url, image_message, messages_of, video_message
 
 KEY = "sk-test-key"
 MAX_IMAGES, MAX_TOKENS = 8, 64
@@ -31,16 +31,6 @@ def records(kind: str) -> list[dict]:
 
 def expected(name: str) -> dict:
     return {r["index"]: r["text_output"] for r in read_jsonl(FIXTURE / "expected" / f"{name}.jsonl")}
-
-
-def messages_of(record: dict) -> list[dict]:
-    """The chat messages that ask what generate.py asks for a fixture record."""
-    if "image" in record:
-        return image_message(record["question"], data_url(FIXTURE / record["image"]))
-    video = record["video"]
-    if isinstance(video, list):  # inline base64 frames: the frames of a video, as lmms-eval sends them
-        return image_message(record["question"], *[f"data:image/png;base64,{f}" for f in video])
-    return video_message(record["question"], data_url(FIXTURE / video))
 
 
 @pytest.fixture(scope="module")

@@ -1,5 +1,6 @@
 """The batching engine alone, over a stand-in pipeline that records its calls: which requests share a batch, the
-window, seeded sampling alone, out-of-memory halving, a failing request failing alone, a full queue."""
+window, seeded sampling alone, a request out of memory failing alone (the halving itself is the pipeline's:
+tests/test_robustness.py), a failing request failing alone, a full queue, stopping."""
 from __future__ import annotations
 
 import asyncio
@@ -8,34 +9,38 @@ import pytest
 import torch
 
 from configs.decoding import DecodingSettings
-from server.engine import Engine, OutOfMemory, QueueFull, Work
+from lynx.pipeline import Answer, OutOfMemory
+from server.engine import Engine, QueueFull, Work
 
-GREEDY = DecodingSettings(max_new_tokens=8, min_length=2, num_beams=1, use_nucleus_sampling=False, temperature=1.0,
-                          top_k=3, top_p=0.9, no_repeat_ngram_size=2, length_penalty=-2.0, repetition_penalty=1.0)
+GREEDY = DecodingSettings(max_new_tokens=8, num_beams=1, use_nucleus_sampling=False)
 SAMPLED = GREEDY.replace(use_nucleus_sampling=True)
 
 
 class FakePipeline:
-    """Answers 'kind:question' (or, when sampling, a draw from a generator seeded with the call's seed, else from
-    torch's global one); fails as told."""
+    """Answers the item 'kind:question' (or, when sampling, a draw from a generator seeded with the call's seed,
+    else from torch's global one); fails as told: `oom` items get OutOfMemory, a `bad` one fails the batch."""
 
-    def __init__(self, oom_above: int | None = None, bad: str | None = None):
+    def __init__(self, oom=(), bad: str | None = None):
         self.calls: list[list[str]] = []
         self.seeds: list[int | None] = []
-        self.oom_above, self.bad = oom_above, bad
+        self.oom, self.bad = set(oom), bad
 
-    def answer(self, pairs, settings=None, seed=None):
-        questions = [q for _, q in pairs]
+    def answer_items(self, items, settings=None, seed=None):
+        questions = [item.split(":")[1] for item in items]
         self.calls.append(questions)
         self.seeds.append(seed)
-        if self.oom_above is not None and len(pairs) > self.oom_above:
-            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB")
         if self.bad in questions:
             raise ValueError(f"cannot use {self.bad}")
         if settings.use_nucleus_sampling:
             generator = torch.Generator().manual_seed(seed) if seed is not None else None
-            return [f"{q}:{torch.randint(0, 10**9, (), generator=generator).item()}" for q in questions]
-        return [f"{m}:{q}" for m, q in pairs]
+            texts = [f"{q}:{torch.randint(0, 10**9, (), generator=generator).item()}" for q in questions]
+        else:
+            texts = list(items)
+        return [OutOfMemory() if q in self.oom else Answer([1], text, "stop") for q, text in zip(questions, texts)]
+
+
+def work(kind: str, question: str, settings=None, **more) -> Work:
+    return Work(f"{kind}:{question}", kind, settings or GREEDY, **more)
 
 
 def run(pipeline, works, batch_size=4, window=0.05, queue_size=64, gap=0.0):
@@ -49,30 +54,30 @@ def run(pipeline, works, batch_size=4, window=0.05, queue_size=64, gap=0.0):
             await asyncio.sleep(gap)
         results = await asyncio.gather(*futures, return_exceptions=True)
         await engine.stop()
-        return results, engine.stats
+        return [r.text if isinstance(r, Answer) else r for r in results], engine.stats
     return asyncio.run(main())
 
 
 def test_requests_batch_by_kind_and_settings_up_to_the_batch_size():
     pipeline = FakePipeline()
-    works = [Work("image", f"q{i}", "image", GREEDY) for i in range(6)] + [
-        Work("video", "v0", "video", GREEDY), Work("image", "b0", "image", GREEDY.replace(num_beams=5))]
+    works = [work("image", f"q{i}") for i in range(6)] + [
+        work("video", "v0"), work("image", "b0", GREEDY.replace(num_beams=5))]
     results, stats = run(pipeline, works)
-    assert results == [f"{w.media}:{w.question}" for w in works]
+    assert results == [w.item for w in works]
     assert sorted(map(sorted, pipeline.calls)) == [["b0"], ["q0", "q1", "q2", "q3"], ["q4", "q5"], ["v0"]]
     assert stats.batches == 4 and stats.answered == 8 and stats.batch_sizes == {4: 1, 2: 1, 1: 2}
 
 
 def test_without_a_window_a_lone_request_does_not_wait():
     pipeline = FakePipeline()
-    results, _ = run(pipeline, [Work("image", f"q{i}", "image", GREEDY) for i in range(3)], window=0.0, gap=0.05)
+    results, _ = run(pipeline, [work("image", f"q{i}") for i in range(3)], window=0.0, gap=0.05)
     assert pipeline.calls == [["q0"], ["q1"], ["q2"]]
 
 
 def test_seeded_sampling_runs_alone_and_repeats():
     pipeline = FakePipeline()
-    works = [Work("image", "s", "image", SAMPLED, seed=7), Work("image", "t", "image", SAMPLED),
-             Work("image", "u", "image", SAMPLED), Work("image", "s", "image", SAMPLED, seed=7)]
+    works = [work("image", "s", SAMPLED, seed=7), work("image", "t", SAMPLED),
+             work("image", "u", SAMPLED), work("image", "s", SAMPLED, seed=7)]
     torch.manual_seed(0)
     results, _ = run(pipeline, works)
     assert results[0] == results[3]
@@ -83,19 +88,17 @@ def test_seeded_sampling_runs_alone_and_repeats():
     assert torch.equal(torch.get_rng_state(), state)
 
 
-def test_out_of_memory_splits_the_batch_in_halves_down_to_one():
-    pipeline = FakePipeline(oom_above=1)
-    works = [Work("image", f"q{i}", "image", GREEDY) for i in range(4)]
-    results, stats = run(pipeline, works)
-    assert results == [f"image:q{i}" for i in range(4)]
-    assert pipeline.calls == [["q0", "q1", "q2", "q3"], ["q0", "q1"], ["q0"], ["q1"], ["q2", "q3"], ["q2"], ["q3"]]
-    results, _ = run(FakePipeline(oom_above=0), works[:2])
-    assert all(isinstance(r, OutOfMemory) for r in results)
+def test_a_request_out_of_memory_even_alone_fails_alone():
+    pipeline = FakePipeline(oom=["q1"])
+    results, stats = run(pipeline, [work("image", f"q{i}") for i in range(3)])
+    assert results[0] == "image:q0" and results[2] == "image:q2" and isinstance(results[1], OutOfMemory)
+    assert pipeline.calls == [["q0", "q1", "q2"]]  # one call: the pipeline halved the batch itself
+    assert stats.failed == 1 and stats.answered == 2
 
 
 def test_a_failing_request_fails_alone():
     pipeline = FakePipeline(bad="q1")
-    results, stats = run(pipeline, [Work("image", f"q{i}", "image", GREEDY) for i in range(3)])
+    results, stats = run(pipeline, [work("image", f"q{i}") for i in range(3)])
     assert results[0] == "image:q0" and results[2] == "image:q2"
     assert isinstance(results[1], ValueError) and stats.failed == 1 and stats.answered == 2
 
@@ -104,41 +107,40 @@ def test_a_full_queue_refuses_and_a_cancelled_request_is_dropped():
     async def main():
         engine = Engine(FakePipeline(), batch_size=4, window=0.2, queue_size=2)
         engine.start()
-        first = engine.submit(Work("image", "a", "image", GREEDY))
-        second = engine.submit(Work("image", "b", "image", GREEDY))
+        first = engine.submit(work("image", "a"))
+        second = engine.submit(work("image", "b"))
         with pytest.raises(QueueFull):
-            engine.submit(Work("image", "c", "image", GREEDY))
+            engine.submit(work("image", "c"))
         first.cancel()
-        assert await second == "image:b"
+        assert (await second).text == "image:b"
         await engine.stop()
         return engine.stats
     stats = asyncio.run(main())
     assert stats.dropped == 1 and stats.answered == 1 and stats.batch_sizes == {1: 1}
 
 
-def test_stopping_releases_the_media_of_the_batch_that_runs():
-    """A request whose client left while its batch ran still gets its media released (a temporary video removed)
-    when the server stops during that batch."""
+def test_stopping_lets_the_batch_that_runs_finish():
+    """Stopping while a batch runs waits for it: its answers reach the requests still waiting for them."""
     import threading
 
-    released, running, finish = [], threading.Event(), threading.Event()
+    running, finish = threading.Event(), threading.Event()
 
     class SlowPipeline(FakePipeline):
-        def answer(self, pairs, settings=None, seed=None):
+        def answer_items(self, items, settings=None, seed=None):
             running.set()
             finish.wait(10)
-            return super().answer(pairs, settings, seed)
+            return super().answer_items(items, settings, seed)
 
     async def main():
         engine = Engine(SlowPipeline(), 4, 0.0, 64)
         engine.start()
-        future = engine.submit(Work("video", "q", "video", GREEDY, release=lambda: released.append("q")))
+        future = engine.submit(work("video", "q"))
         await asyncio.get_running_loop().run_in_executor(None, running.wait, 10)
-        future.cancel()  # the client left
         stopping = asyncio.ensure_future(engine.stop())
         await asyncio.sleep(0.05)
+        assert not stopping.done()
         finish.set()
         await stopping
+        return future.result()
 
-    asyncio.run(main())
-    assert released == ["q"]
+    assert asyncio.run(main()).text == "video:q"
