@@ -78,6 +78,9 @@ def build_parser():
     parser.add_argument("--judge-cache", metavar="PATH",
                         help="verdict cache (jsonl); default: beside the first answers file, NAME.judge.jsonl")
     parser.add_argument("--judge-timeout", type=float, default=60.0, metavar="SECONDS")
+    parser.add_argument("--judge-concurrency", type=int, default=4, metavar="N", help="questions in flight at once")
+    parser.add_argument("--judge-retries", type=int, default=4, metavar="N",
+                        help="tries after the first on 429, 5xx and connection errors, with backoff")
     parser.add_argument("--json", metavar="OUT", help="write the report as JSON")
     parser.add_argument("--markdown", metavar="OUT", help="write the report as markdown")
     parser.add_argument("--chart", metavar="OUT", help="write a PNG bar chart of per-class accuracy")
@@ -111,7 +114,8 @@ def run(args, parser):
         if not args.judge_model:
             parser.error("--judge needs --judge-model")
         judge = Judge(url=args.judge_url, model=args.judge_model, timeout_s=args.judge_timeout,
-                      cache_path=Path(args.judge_cache or default_judge_cache(args.answers[0])))
+                      cache_path=Path(args.judge_cache or default_judge_cache(args.answers[0])),
+                      concurrency=args.judge_concurrency, retries=args.judge_retries)
     sets, report = scored_sets(args.answers, args.annotations, scoring, judge, args.human_csv)
     for line in report["warnings"]:
         print(f"warning: {line}", file=sys.stderr)

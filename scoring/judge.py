@@ -1,17 +1,19 @@
 """Scoring by an LLM judge behind an OpenAI-compatible chat endpoint, with every verdict cached on disk.
 
-The cache is a jsonl file, one line per verdict with the raw reply, so a rerun costs nothing and each verdict
-can be read and audited. A verdict is keyed by the model, the record (dataset, index) and the filled prompt,
-which holds the prompt template, the question, the gold answers and the prediction: change any of them and
-that record is asked again.
+The judge is asked through the `openai` client: a few questions at a time (`concurrency`), each retried with
+backoff on 408/409/429 and 5xx answers and on connection errors (`retries`), honouring a server's Retry-After.
+
+The cache is a jsonl file, one line per verdict with the raw reply, written as each verdict arrives, so a rerun
+(after an interruption or a failure) asks only for what is missing, and each verdict can be read and audited. A
+verdict is keyed by the model, the record (dataset, index) and the filled prompt, which holds the prompt template,
+the question, the gold answers and the prediction: change any of them and that record is asked again.
 """
 
 import hashlib
 import json
 import os
 import re
-import urllib.error
-import urllib.request
+from concurrent.futures import CancelledError, ThreadPoolExecutor, as_completed
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from scoring.records import index_key
 
 PROMPT_PATH = Path(__file__).with_name("judge_prompt.txt")
 API_KEY_VARIABLES = ("LYNX_JUDGE_API_KEY", "OPENAI_API_KEY")
+NO_KEY = "EMPTY"  # sent when no key is set: the client needs one, and local servers take any (vLLM's convention)
 POSITIVE_WORDS = {"yes", "correct"}
 NEGATIVE_WORDS = {"no", "incorrect", "not"}
 
@@ -35,6 +38,8 @@ class Judge:
     api_key: str = None
     timeout_s: float = 60.0
     prompt_template: str = None
+    concurrency: int = 4  # questions in flight at once
+    retries: int = 4  # tries after the first, with exponential backoff
 
     def __post_init__(self):
         if self.prompt_template is None:
@@ -43,10 +48,9 @@ class Judge:
             self.api_key = next((os.environ[name] for name in API_KEY_VARIABLES if os.environ.get(name)), None)
 
 
-def chat_completions_url(url):
-    """Accept a base URL (".../v1") or the full ".../chat/completions" one."""
-    url = url.rstrip("/")
-    return url if url.endswith("/chat/completions") else url + "/chat/completions"
+def base_url(url):
+    """The OpenAI base URL (".../v1") of a base URL or of the full ".../chat/completions" one."""
+    return url.rstrip("/").removesuffix("/chat/completions")
 
 
 def fill_prompt(template, record):
@@ -86,63 +90,88 @@ def load_cache(path):
     return entries
 
 
-def ask(judge, prompt):
-    """POST one chat completion and return the reply text; any failure is a InputError."""
-    body = json.dumps({
-        "model": judge.model,
-        "messages": [{"role": "user", "content": prompt}],
-        "temperature": 0,
-    }).encode("utf-8")
-    headers = {"Content-Type": "application/json"}
-    if judge.api_key:
-        headers["Authorization"] = f"Bearer {judge.api_key}"
-    url = chat_completions_url(judge.url)
-    request = urllib.request.Request(url, data=body, headers=headers, method="POST")
+def client_of(judge):
+    from openai import OpenAI  # imported here: scoring without a judge does not need it
+
+    return OpenAI(base_url=base_url(judge.url), api_key=judge.api_key or NO_KEY, timeout=judge.timeout_s,
+                  max_retries=judge.retries)
+
+
+def ask(client, judge, prompt):
+    """One chat completion's reply text, retried by the client; a failure that outlasts the retries is an
+    InputError."""
+    import openai
+
+    url = base_url(judge.url)
     try:
-        with urllib.request.urlopen(request, timeout=judge.timeout_s) as response:
-            payload = response.read().decode("utf-8")
-    except urllib.error.HTTPError as error:
-        detail = error.read().decode("utf-8", "replace")[:300]
-        raise InputError(f"judge {url} answered HTTP {error.code}: {detail}") from None
-    except (urllib.error.URLError, TimeoutError, OSError) as error:
-        raise InputError(f"cannot reach judge {url}: {getattr(error, 'reason', error)}") from None
+        reply = client.chat.completions.create(model=judge.model, temperature=0,
+                                               messages=[{"role": "user", "content": prompt}])
+    except openai.APIStatusError as error:
+        raise InputError(f"judge {url} answered HTTP {error.status_code}: {str(error.message)[:300]}") from None
+    except openai.APIConnectionError as error:
+        raise InputError(f"cannot reach judge {url}: {error.__cause__ or error}") from None
     try:
-        return json.loads(payload)["choices"][0]["message"]["content"]
-    except (ValueError, KeyError, IndexError, TypeError):
-        raise InputError(f"judge {url} sent no chat completion: {payload[:300]}") from None
+        content = reply.choices[0].message.content
+    except (AttributeError, IndexError, TypeError):
+        content = None
+    if not isinstance(content, str):
+        raise InputError(f"judge {url} sent no chat completion: {str(reply)[:300]}")
+    return content
 
 
 def judge_records(records, judge):
     """Set `record.correct` from the judge, asking only for verdicts not in the cache.
 
-    Each new verdict is appended to the cache as soon as it arrives, so an interrupted run keeps what it
-    paid for. A record without a prediction is wrong without asking; a reply with no verdict word counts
-    as wrong and is listed. Returns {"requests", "cached", "unparsed": [(dataset, index)]}.
+    Each new verdict is appended to the cache as soon as it arrives, so a run that is interrupted, or stopped by a
+    question that failed even after its retries, keeps what it paid for. A record without a prediction is wrong
+    without asking; a reply with no verdict word counts as wrong and is listed. Returns {"requests", "cached",
+    "unparsed": [(dataset, index)]}.
     """
     cache = load_cache(judge.cache_path)
     prompt_sha = sha256(judge.prompt_template)
     stats = {"requests": 0, "cached": 0, "unparsed": []}
-    Path(judge.cache_path).parent.mkdir(parents=True, exist_ok=True)
-    with open(judge.cache_path, "a", encoding="utf-8") as cache_file:
-        for record in records:
-            if record.prediction is None:
-                record.correct = False
-                continue
+    keys, asked = {}, {}  # record -> its key; key -> (record, prompt) of the verdicts to ask for
+    for record in records:
+        if record.prediction is not None:
             prompt = fill_prompt(judge.prompt_template, record)
-            key = cache_key(judge.model, record, prompt)
-            entry = cache.get(key)
-            if entry is None:
-                reply = ask(judge, prompt)
-                entry = {"key": key, "dataset": record.dataset, "index": record.index, "model": judge.model,
-                         "prompt_sha256": prompt_sha, "question": record.question, "answers": record.answers,
-                         "prediction": record.prediction, "reply": reply, "verdict": parse_verdict(reply)}
-                cache_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
-                cache_file.flush()
-                cache[key] = entry
-                stats["requests"] += 1
-            else:
-                stats["cached"] += 1
-            if entry["verdict"] is None:
-                stats["unparsed"].append((record.dataset, record.index))
-            record.correct = entry["verdict"] is True
+            keys[id(record)] = key = cache_key(judge.model, record, prompt)
+            if key not in cache:
+                asked[key] = (record, prompt)
+    Path(judge.cache_path).parent.mkdir(parents=True, exist_ok=True)
+    failures = []
+    with open(judge.cache_path, "a", encoding="utf-8") as cache_file, \
+            ThreadPoolExecutor(max(1, judge.concurrency)) as pool:
+        client = client_of(judge) if asked else None
+        pending = {pool.submit(ask, client, judge, prompt): key for key, (_, prompt) in asked.items()}
+        for future in as_completed(pending):
+            try:
+                reply = future.result()
+            except CancelledError:
+                continue
+            except InputError as error:
+                failures.append(error)
+                for other in pending:  # those not started yet; those in flight finish and are kept
+                    other.cancel()
+                continue
+            key = pending[future]
+            record = asked[key][0]
+            entry = {"key": key, "dataset": record.dataset, "index": record.index, "model": judge.model,
+                     "prompt_sha256": prompt_sha, "question": record.question, "answers": record.answers,
+                     "prediction": record.prediction, "reply": reply, "verdict": parse_verdict(reply)}
+            cache_file.write(json.dumps(entry, ensure_ascii=False) + "\n")
+            cache_file.flush()
+            cache[key] = entry
+            stats["requests"] += 1
+    if failures:
+        raise failures[0]
+    for record in records:
+        if record.prediction is None:
+            record.correct = False
+            continue
+        key = keys[id(record)]
+        entry = cache[key]
+        stats["cached"] += key not in asked
+        if entry["verdict"] is None:
+            stats["unparsed"].append((record.dataset, record.index))
+        record.correct = entry["verdict"] is True
     return stats

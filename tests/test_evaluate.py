@@ -5,6 +5,7 @@ import json
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -415,22 +416,39 @@ def test_chart_is_a_png_and_matplotlib_is_loaded_only_for_it(tmp_path):
 # ---------------------------------------------------------------- judge
 
 class JudgeServer:
-    """An OpenAI-compatible endpoint on 127.0.0.1 that records every request and replies from a table."""
+    """An OpenAI-compatible endpoint on 127.0.0.1 that records every request and replies from a table. `statuses`:
+    the status of each request in turn (200 once they run out); `failing`: predictions always answered 500;
+    `delay`: seconds each answer takes. Errors carry OpenAI's `retry-after-ms`, so the client's retries are quick."""
 
-    def __init__(self, replies, status=200):
+    def __init__(self, replies, status=200, statuses=(), failing=(), delay=0.0):
         self.requests, self.replies, self.status = [], replies, status
+        self.statuses, self.failing, self.delay = list(statuses), set(failing), delay
+        self.in_flight = self.most_in_flight = 0
+        lock = threading.Lock()
         owner = self
 
         class Handler(BaseHTTPRequestHandler):
             def do_POST(self):
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
-                owner.requests.append({"path": self.path, "authorization": self.headers.get("Authorization"),
-                                       "body": body})
+                with lock:
+                    owner.requests.append({"path": self.path, "authorization": self.headers.get("Authorization"),
+                                           "body": body})
+                    status = owner.statuses.pop(0) if owner.statuses else owner.status
+                    owner.in_flight += 1
+                    owner.most_in_flight = max(owner.most_in_flight, owner.in_flight)
+                time.sleep(owner.delay)
                 prompt = body["messages"][0]["content"]
-                reply = next(text for prediction, text in owner.replies.items() if prediction in prompt)
-                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]})
-                self.send_response(owner.status)
+                prediction, reply = next((p, text) for p, text in owner.replies.items() if p in prompt)
+                if prediction in owner.failing:
+                    status = 500
+                payload = json.dumps({"choices": [{"message": {"role": "assistant", "content": reply}}]}
+                                     if status == 200 else {"error": {"message": f"status {status}"}})
+                with lock:
+                    owner.in_flight -= 1
+                self.send_response(status)
                 self.send_header("Content-Type", "application/json")
+                if status != 200:
+                    self.send_header("retry-after-ms", "10")
                 self.end_headers()
                 self.wfile.write(payload.encode())
 
@@ -485,8 +503,8 @@ def test_judge_asks_once_per_answer_and_reruns_from_the_cache(tmp_path, judge_en
             assert request["authorization"] == "Bearer test-key"
             assert request["body"]["model"] == "judge-x"
             assert request["body"]["temperature"] == 0
-        prompt = server.requests[0]["body"]["messages"][0]["content"]
-        assert "Question: What is in the image?" in prompt
+        prompts = [request["body"]["messages"][0]["content"] for request in server.requests]  # asked 4 at once
+        prompt = next(p for p in prompts if "Question: What is in the image?" in p)
         assert "Reference answer: platform or tunnel" in prompt
         assert "Model's answer: a dark tunnel" in prompt
         assert prompt.startswith((REPO / "scoring" / "judge_prompt.txt").read_text()[:60])
@@ -497,7 +515,7 @@ def test_judge_asks_once_per_answer_and_reruns_from_the_cache(tmp_path, judge_en
         assert first["judge"]["requests"] == 4 and first["judge"]["unparsed"] == [["Open_VQA_images", 5]]
         # The default cache sits beside the answers file and holds each raw reply.
         cache = [json.loads(line) for line in (tmp_path / "result.judge.jsonl").read_text().splitlines()]
-        assert [(entry["index"], entry["reply"], entry["verdict"]) for entry in cache] == [
+        assert sorted((entry["index"], entry["reply"], entry["verdict"]) for entry in cache) == [
             (1, "Correct. A tunnel is listed.", True), (2, "yes", True),
             (3, "Incorrect, the reference says no.", False), (5, "I cannot tell.", None)]
         assert all(entry["model"] == "judge-x" and len(entry["prompt_sha256"]) == 64 for entry in cache)
@@ -544,12 +562,55 @@ def test_judge_http_error_is_a_one_line_error(tmp_path, judge_env):
     server = JudgeServer(JUDGE_REPLIES, status=500)
     answers, annotations = judge_files(tmp_path)
     try:
-        result = run_cli("--judge", "--judge-url", server.url, "--judge-model", "m",
-                         "--answers", answers, "--annotations", annotations)
+        result = run_cli("--judge", "--judge-url", server.url, "--judge-model", "m", "--judge-concurrency", "1",
+                         "--judge-retries", "2", "--answers", answers, "--annotations", annotations)
     finally:
         server.close()
     assert result.returncode == 1
     assert "HTTP 500" in result.stderr and "Traceback" not in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+    assert len(server.requests) in (3, 6)  # a question tried 1 + 2 times (and one the worker had begun); no more
+
+
+def test_judge_retries_a_rate_limit_then_answers(tmp_path, judge_env):
+    """429 twice, then 200: the client waits and asks again; every verdict arrives, none is lost or doubled."""
+    server = JudgeServer(JUDGE_REPLIES, statuses=[429, 429])
+    answers, annotations = judge_files(tmp_path)
+    try:
+        assert evaluate.main(["--judge", "--judge-url", server.url, "--judge-model", "m", "--judge-concurrency", "1",
+                              "--answers", str(answers), "--annotations", str(annotations),
+                              "--json", str(tmp_path / "r.json")]) == 0
+    finally:
+        server.close()
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert len(server.requests) == 4 + 2 and report["judge"]["requests"] == 4
+    assert {row["index"]: row["correct"] for row in report["records"]} == {1: True, 2: True, 3: False, 4: False,
+                                                                           5: False}
+    assert len((tmp_path / "result.judge.jsonl").read_text().splitlines()) == 4
+
+
+def test_judge_asks_a_few_at_a_time_and_a_rerun_resumes_after_a_failure(tmp_path, judge_env):
+    """Questions go out at most --judge-concurrency at once. One that fails even after its retries ends the run in
+    one line, but the verdicts that arrived are kept, and the same command asks only for the missing one."""
+    answers, annotations = judge_files(tmp_path)
+    argv = ["--judge", "--judge-model", "m", "--judge-concurrency", "2", "--judge-retries", "1",
+            "--answers", str(answers), "--annotations", str(annotations), "--json", str(tmp_path / "r.json")]
+    server = JudgeServer(JUDGE_REPLIES, failing=["hmm"], delay=0.2)
+    try:
+        assert evaluate.main(["--judge-url", server.url, *argv]) == 1
+        assert server.most_in_flight == 2
+    finally:
+        server.close()
+    kept = [json.loads(line)["index"] for line in (tmp_path / "result.judge.jsonl").read_text().splitlines()]
+    assert sorted(kept) == [1, 2, 3]  # record 5's question failed; the others were answered and kept
+    server = JudgeServer(JUDGE_REPLIES)
+    try:
+        assert evaluate.main(["--judge-url", server.url, *argv]) == 0
+    finally:
+        server.close()
+    assert len(server.requests) == 1
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["judge"]["cached"] == 3 and report["judge"]["unparsed"] == [["Open_VQA_images", 5]]
 
 
 def test_judge_needs_a_model(tmp_path):
