@@ -1,11 +1,11 @@
 """Lynx as a service, in layers (imports point down):
 
     routes.py     HTTP: parse, check, translate (FastAPI router; the page at GET /)
-    serving.py    a chat request -> question, media, decoding settings -> the engine -> the OpenAI response
-    media.py      image/video parts -> what LynxPipeline.answer takes (on a worker thread)
+    serving.py    a chat request -> question, media, decoding settings -> an Item -> the engine -> the OpenAI response
+    media.py      image/video parts -> what LynxPipeline.item reads (located, not decoded; on a worker thread)
     security.py   the edge: API key, body size, limits, which media URLs and paths are allowed
     protocol.py   OpenAI's request/response shapes (pydantic)
     errors.py     OpenAI's error JSON for every failure
-    engine.py     the batching engine over LynxPipeline (knows nothing of HTTP)
+    engine.py     the batching engine over LynxPipeline.answer_items (knows nothing of HTTP)
     app.py        the application: the model's load, the engine's life, graceful shutdown
 """
