@@ -135,11 +135,13 @@ def answer_records(pipeline: LynxPipeline, records: list[Record], run: Resumable
                 on_failure(position, error)
             if len(batch):
                 answers = pipeline.answer_batch(batch, visual, seed=seed + planned.number)
-                for position, error in zip(batch.positions, answers):
-                    if isinstance(error, RecordError):  # out of memory even alone
-                        on_failure(position, error)
-                answered = [(p, a) for p, a in zip(batch.positions, answers) if not isinstance(a, RecordError)]
-                run.add([records[p] for p, _ in answered], [answer.text for _, answer in answered])
+                answered = []
+                for position, answer in zip(batch.positions, answers):
+                    if isinstance(answer, RecordError):  # out of memory even alone
+                        on_failure(position, answer)
+                    else:
+                        answered.append((records[position], answer.text))
+                run.add([record for record, _ in answered], [text for _, text in answered])
             progress.update(len(batch) + len(batch.failures))
     finally:
         progress.close()

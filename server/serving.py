@@ -45,27 +45,27 @@ class ChatService:
     def settings(self, request: ChatCompletionRequest):
         """The config's decoding with the request's changes, checked: 400 naming the field, for a value the settings
         refuse or one over the server's limit of what a request may cost (`Limits.decoding`)."""
-        fields = request_fields()
+        fields = request_fields()  # option -> its request field
+        given = dict(fields)  # option -> the field this request set it with
         changes = {name: getattr(request, field) for name, field in fields.items()
                    if getattr(request, field) is not None}
         if request.max_tokens is None and request.max_completion_tokens is not None:
             changes["max_new_tokens"] = request.max_completion_tokens
-            fields["max_new_tokens"] = "max_completion_tokens"
+            given["max_new_tokens"] = "max_completion_tokens"
         for name, value in changes.items():
-            flag = request_fields()[name]  # the limit's name: max_completion_tokens is bounded as max_tokens
-            limit = self.limits.decoding.get(flag)
+            limit = self.limits.decoding.get(fields[name])  # max_completion_tokens is bounded as max_tokens
             if limit is not None and value > limit:
-                raise APIError(400, f"{fields[name]} is {value}, over the server's limit of {limit} "
-                                    f"(--{flag.replace('_', '-')}-limit)", fields[name])
+                raise APIError(400, f"{given[name]} is {value}, over the server's limit of {limit} "
+                                    f"(--{fields[name].replace('_', '-')}-limit)", given[name])
         temperature = changes.pop("temperature", None)
         if temperature == 0:
             changes["use_nucleus_sampling"] = False
         elif temperature is not None:
             changes.update(use_nucleus_sampling=True, temperature=temperature)
         settings = dataclasses.replace(self.pipeline.settings, **changes)
-        problem = settings.problem(names=fields)
+        problem = settings.problem(names=given)
         if problem:
-            raise APIError(400, problem[1], fields.get(problem[0]))
+            raise APIError(400, problem[1], given.get(problem[0]))
         return settings
 
     def shape(self, prompt_tokens: int) -> int | None:
