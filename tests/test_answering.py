@@ -1,6 +1,7 @@
-"""One answering core for every front end, each thing done once: a generate.py run makes each start-up check once,
-and a chat request, traced through an in-process server, has its prompt formatted and tokenized once, each image
-checked once (only the sampled frames of a video), and its answer counted from its ids, never re-encoded."""
+"""One answering core for every front end, each thing done once: a generate.py run makes each start-up check once;
+a chat request, traced through an in-process server, has its prompt formatted and tokenized once, each image
+checked once (only the sampled frames of a video), and its answer counted from its ids, never re-encoded; and the
+server's batches go through the same out-of-memory halving as generate.py's."""
 from __future__ import annotations
 
 import base64
@@ -121,3 +122,40 @@ def test_frames_are_sampled_before_any_is_checked_or_decoded(app_client, monkeyp
     reply, calls = traced(monkeypatch, app_client, [image_part(f) for f in seven], "what moves?")
     assert len(calls["image check"]) == 5 and len(calls["encode"]) == 1 and len(calls["format_prompt"]) == 1
     assert reply["usage"]["completion_tokens"] <= 24
+
+
+def test_the_server_goes_through_the_one_out_of_memory_halving(app_client, monkeypatch):
+    """The engine hands a batch to the pipeline's core, which halves it (as for generate.py, tests/test_robustness.py):
+    here every batch of more than one request runs out of memory, and each request still gets its own answer."""
+    import asyncio
+
+    import torch
+
+    from lynx.pipeline import LynxPipeline
+    from server.engine import Engine, Work
+
+    pipeline = app_client.app.state.lynx.engine.pipeline
+    records = read_jsonl(FIXTURE / "data" / "Open_VQA_images_tiny.jsonl")[:3]
+    expected = {r["index"]: r["text_output"] for r in read_jsonl(FIXTURE / "expected" / "images_greedy.jsonl")}
+    items = [pipeline.item((FIXTURE / r["image"]).read_bytes(), r["question"], "image") for r in records]
+    tried, real = [], LynxPipeline.decode_batch
+
+    def decode_batch(self, batch, *args, **kwargs):
+        tried.append(len(batch))
+        if len(batch) > 1:
+            raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
+        return real(self, batch, *args, **kwargs)
+
+    monkeypatch.setattr(LynxPipeline, "decode_batch", decode_batch)
+
+    async def main():
+        engine = Engine(pipeline, batch_size=3, window=0.5, queue_size=8)
+        engine.start()
+        futures = [engine.submit(Work(item, "image", pipeline.settings)) for item in items]
+        answers = await asyncio.gather(*futures)
+        await engine.stop()
+        return answers, engine.stats.batch_sizes
+
+    answers, batches = asyncio.run(main())
+    assert [a.text for a in answers] == [expected[r["index"]] for r in records]
+    assert batches == {3: 1} and tried == [3, 1, 2, 1, 1]  # one batch of 3, halved down to single requests
