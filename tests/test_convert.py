@@ -65,18 +65,26 @@ def test_converted_folder_gives_the_original_answers(converted, name, tmp_path, 
     assert output.read_bytes() == (FIXTURE / case["expected"]).read_bytes()
 
 
-def test_folder_made_from_another_checkpoint_is_refused(converted):
+def load(**overrides):
+    """LynxPipeline.from_config on the fixture's config with keys replaced: the weight files are checked first."""
+    from configs.schema import config_from_dict
+    from lynx.pipeline import LynxPipeline
+
+    return LynxPipeline.from_config(config_from_dict(fixture_config(**overrides)), device="cpu")
+
+
+def test_folder_made_from_another_checkpoint_is_refused(converted, in_fixture):
     with pytest.raises(InputError, match=r"was made with checkpoint = './data/finetune_lynx.pt', but this config has "
                                          r"checkpoint = './data/full_lynx.pt' — convert again for this config"):
-        build_tiny_lynx(converted=converted, checkpoint="./data/full_lynx.pt")
+        load(converted=converted, checkpoint="./data/full_lynx.pt")
 
 
-def test_folder_made_for_other_model_settings_is_refused(converted):
+def test_folder_made_for_other_model_settings_is_refused(converted, in_fixture):
     with pytest.raises(InputError, match=r"was made with adapter_freq = 2, but this config has adapter_freq = 1"):
-        build_tiny_lynx(converted=converted, adapter_freq=1)
+        load(converted=converted, adapter_freq=1)
 
 
-def test_incomplete_folder_names_the_missing_file(converted, tmp_path):
+def test_incomplete_folder_names_the_missing_file(converted, tmp_path, in_fixture):
     import shutil
 
     copy = tmp_path / "copy"
@@ -84,7 +92,7 @@ def test_incomplete_folder_names_the_missing_file(converted, tmp_path):
     (copy / "model.safetensors").unlink()
     with pytest.raises(InputError, match=r"converted folder .*copy: no model\.safetensors — write the folder with "
                                          r"python -m lynx\.convert"):
-        build_tiny_lynx(converted=str(copy))
+        load(converted=str(copy))
 
 
 def test_release_files_are_not_needed(converted, tmp_path, monkeypatch):
