@@ -5,8 +5,8 @@
 
 A value is a path (str or pathlib.Path) to an image, a video file or a `.json` frame file; base64 text or a data URI;
 the bytes of an image file; a list of frames (base64 strings, PIL images, or the bytes or Paths of image files); or
-a PIL image. `kind` is 'image' or 'video' (a record's media key);
-None infers it from the value (the Python API). Every problem is a RecordError naming the record.
+a PIL image. `kind` is 'image' or 'video' (a record's media key); None infers it from the value (the Python API).
+Every problem is a RecordError naming the record.
 """
 from __future__ import annotations
 
