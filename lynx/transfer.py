@@ -56,7 +56,8 @@ class PartialFile:
     def __init__(self, target: str):
         self.path = target + PARTIAL
         self.size = os.path.getsize(self.path) if os.path.isfile(self.path) else 0
-        self.digest = digest_of(self.path) if self.size else hashlib.sha256()
+        self.digest = digest_of(self.path, label=f"reading {os.path.basename(self.path)}") if self.size else \
+            hashlib.sha256()
 
     def restart(self) -> None:
         open(self.path, "wb").close()
@@ -80,6 +81,8 @@ def download(client: httpx2.Client, url: str, partial: PartialFile, size: int | 
     """Bring `url` (`size` bytes, None if unknown) into `partial`, resuming from what it holds; returns the whole
     file's sha256. A dropped connection, a timeout or a 5xx answer is retried from where it stopped."""
     failures = 0
+    if size is not None and partial.size > size:  # not a start of this file
+        partial.restart()
     with progress(size, label, partial.size) as bar:
         while size is None or partial.size < size:
             before = partial.size
