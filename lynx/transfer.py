@@ -16,12 +16,12 @@ import httpx2
 from tqdm import tqdm
 
 from errors import InputError, described
+from models.weight_files import PARTIAL
 
 CHUNK = 1 << 20
 RETRIES = 5  # attempts in a row that bring no byte before a download gives up
 TIMEOUT = httpx2.Timeout(60.0, connect=20.0)
 RETRY_STATUS = (408, 429, 500, 502, 503, 504)
-PARTIAL = ".partial"
 MANIFEST = "SHA256SUMS"  # `sha256sum -c SHA256SUMS` in the folder checks the files without Lynx
 
 
@@ -76,6 +76,10 @@ class PartialFile:
             os.remove(self.path)
 
 
+class Retry(Exception):
+    """An answer worth asking again for (a 5xx, 429 or 408 status)."""
+
+
 def download(client: httpx2.Client, url: str, partial: PartialFile, size: int | None, label: str,
              headers: dict | None = None) -> str:
     """Bring `url` (`size` bytes, None if unknown) into `partial`, resuming from what it holds; returns the whole
@@ -102,10 +106,6 @@ def download(client: httpx2.Client, url: str, partial: PartialFile, size: int | 
                                      f"{partial.path}: run the same command again to resume") from None
                 time.sleep(min(2 ** failures, 30))
     return partial.digest.hexdigest()
-
-
-class Retry(Exception):
-    """An answer worth asking again for (a 5xx, 429 or 408 status)."""
 
 
 def _get(client: httpx2.Client, url: str, partial: PartialFile, headers: dict, bar: tqdm) -> None:

@@ -24,6 +24,7 @@ LLM_REPOS = {"vicuna-7b": "lmsys/vicuna-7b-v1.1"}
 RELEASE_URL = "https://lf-robot-opensource.bytetos.com/obj/lab-robot-public/lynx_release/"
 RELEASED_CHECKPOINTS = ("finetune_lynx.pt", "pretrain_lynx.pt")
 FETCH = "python -m lynx.fetch"
+PARTIAL = ".partial"  # a file lynx.fetch is downloading, renamed once verified
 
 # Where each file comes from, for "file missing" messages.
 WEIGHT_SOURCES = {
@@ -127,11 +128,12 @@ def absent(path: str, noun: str) -> tuple[str, str | None]:
     folder = os.path.dirname(path) or "."
     if not os.path.isdir(folder):
         return f"no such {noun} (there is no folder {folder})", None
-    close = difflib.get_close_matches(os.path.basename(path), os.listdir(folder), n=1, cutoff=0.8)
+    if os.path.exists(path + PARTIAL):
+        return f"not there yet: a download of it is in {path}{PARTIAL}", None
+    names = [name for name in os.listdir(folder) if not name.endswith(PARTIAL)]
+    close = difflib.get_close_matches(os.path.basename(path), names, n=1, cutoff=0.8)
     if close:
         return f"no such {noun}; did you mean {os.path.join(folder, close[0])}?", close[0]
-    if os.path.exists(path + ".partial"):
-        return f"not there yet: a download of it is in {path}.partial", None
     return f"no such {noun}", None
 
 

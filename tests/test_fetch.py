@@ -229,6 +229,14 @@ def test_a_full_disk_is_refused_before_any_download(tmp_path, stand_in, monkeypa
     assert not (project / "data" / "finetune_lynx.pt.partial").exists()
 
 
+def test_a_release_download_left_by_an_earlier_run_is_resumed(tmp_path, stand_in, monkeypatch, loopback_only):
+    project = new_project(tmp_path / "project", have=("vit", "llm"))
+    (project / "data" / "finetune_lynx.pt.partial").write_bytes(RELEASE["finetune_lynx.pt"][:1000])
+    assert fetch_here(project, stand_in, monkeypatch) == 0
+    assert stand_in.downloads("finetune_lynx.pt") == ["bytes=1000-"]
+    assert (project / "data" / "finetune_lynx.pt").read_bytes() == RELEASE["finetune_lynx.pt"]
+
+
 def test_both_checkpoints_each_checked_against_the_model(tmp_path, stand_in, monkeypatch, loopback_only):
     project = new_project(tmp_path / "project", have=("vit", "llm"))
     assert fetch_here(project, stand_in, monkeypatch, "--both-checkpoints") == 0

@@ -139,6 +139,14 @@ def test_a_mistyped_weight_path_gets_the_close_name_not_download_advice(tmp_path
         "  checkpoint ./data/finetune-lynx.pt: no such file; did you mean ./data/finetune_lynx.pt?"]
 
 
+def test_a_weight_file_still_downloading_says_so(tmp_path, in_fixture, no_model, capsys):
+    (tmp_path / "eva.pth.partial").write_bytes(b"half")
+    assert run_main(fixture_config(vit_checkpoint=str(tmp_path / "eva.pth")), tmp_path) == 1
+    assert error_lines(capsys)[1] == (
+        f"  vit_checkpoint {tmp_path}/eva.pth: not there yet: a download of it is in {tmp_path}/eva.pth.partial — "
+        f"EVA01_g_psz14.pt of https://huggingface.co/QuanSun/EVA-CLIP, saved under this name")
+
+
 def test_an_incomplete_llm_folder_names_what_it_lacks(tmp_path, in_fixture, no_model, capsys):
     folder = tmp_path / "vicuna"
     shutil.copytree(FIXTURE / "data" / "vicuna-7b", folder, ignore=shutil.ignore_patterns("tokenizer.model", "*.bin"))
