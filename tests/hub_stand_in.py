@@ -159,7 +159,8 @@ class StandIn:
                     self.close_connection = True
                     return
                 if not body:
-                    return self.send(200, b"", "application/octet-stream", {**headers, "Content-Length": str(len(data))})
+                    headers["Content-Length"] = str(len(data))
+                    return self.send(200, b"", "application/octet-stream", headers)
                 self.send(206 if start else 200, bytes(part), "application/octet-stream", headers)
 
             def log_message(self, *args):

@@ -134,8 +134,8 @@ def test_a_second_run_downloads_nothing_and_asks_nothing(fetched):
 def test_fetched_files_give_the_original_answers(fetched, tmp_path, monkeypatch):
     project = fetched[0]
     monkeypatch.chdir(project)
-    for case, overrides in (("images_greedy", {}), ("videos_greedy", {"test_files": ["./data/Open_VQA_videos_tiny.jsonl"],
-                                                                       "vision_prompt_dict": "video"})):
+    videos = {"test_files": ["./data/Open_VQA_videos_tiny.jsonl"], "vision_prompt_dict": "video"}
+    for case, overrides in (("images_greedy", {}), ("videos_greedy", videos)):
         output = tmp_path / f"{case}.jsonl"
         assert run_main(fixture_config(**overrides), tmp_path, output=output) == 0
         assert read_jsonl(output) == read_jsonl(FIXTURE / "expected" / f"{case}.jsonl")

@@ -72,6 +72,7 @@ def test_present_and_missing_counted_and_every_missing_path_listed(tmp_path, mon
 
 def test_every_file_there_exits_0(tmp_path, monkeypatch, capsys):
     (tmp_path / "a.jpg").write_bytes(b"x")
-    assert check_media(monkeypatch, tmp_path, [write_records(tmp_path / "t.jsonl", [{"index": 1, "image": "a.jpg"}])]) == 0
+    test_file = write_records(tmp_path / "t.jsonl", [{"index": 1, "image": "a.jpg"}])
+    assert check_media(monkeypatch, tmp_path, [test_file]) == 0
     assert capsys.readouterr().out.splitlines()[1:] == ["  images: 1 of 1 present (1 file, 0 missing)",
                                                         "every media file is there"]

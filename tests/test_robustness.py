@@ -153,7 +153,8 @@ def test_an_incomplete_llm_folder_names_what_it_lacks(tmp_path, in_fixture, no_m
     assert run_main(fixture_config(llm_path=str(folder)), tmp_path) == 1
     assert error_lines(capsys)[1] == (
         f"  llm_path {folder}: no tokenizer.model, no weights (model.safetensors.index.json or model.safetensors or "
-        f"pytorch_model.bin.index.json or pytorch_model.bin) — the files of https://huggingface.co/lmsys/vicuna-7b-v1.1")
+        f"pytorch_model.bin.index.json or pytorch_model.bin) — the files of "
+        f"https://huggingface.co/lmsys/vicuna-7b-v1.1")
 
 
 def test_checkpoint_with_wrong_shape_names_file_key_and_shapes(tmp_path, in_fixture, capsys, no_weights_loaded):
