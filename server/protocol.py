@@ -10,7 +10,12 @@ import time
 import uuid
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+# Beam search divides a hypothesis' score by length ** length_penalty in Python floats (as transformers 4.28
+# does): within +-10 that stays finite for any answer length a server allows.
+MAX_LENGTH_PENALTY = 10.0
+MIN_TEMPERATURE = 1e-3
 
 
 class MediaURL(BaseModel):
@@ -60,16 +65,24 @@ class ChatCompletionRequest(BaseModel):
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float | None = Field(default=None, ge=0, allow_inf_nan=False)
+    temperature: float | None = Field(default=None, ge=0, le=2, allow_inf_nan=False)  # OpenAI's range
     top_p: float | None = Field(default=None, gt=0, le=1)
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
+    seed: int | None = Field(default=None, ge=-2**63, lt=2**64)  # what a torch.Generator takes
+    n: int | None = 1  # null: 1, as OpenAI's clients mean it
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
     num_beams: int | None = Field(default=None, ge=1)
     top_k: int | None = Field(default=None, ge=0)
-    length_penalty: float | None = Field(default=None, allow_inf_nan=False)
+    length_penalty: float | None = Field(default=None, ge=-MAX_LENGTH_PENALTY, le=MAX_LENGTH_PENALTY)
     no_repeat_ngram_size: int | None = Field(default=None, ge=0)
+
+    @field_validator("temperature")
+    @classmethod
+    def sampling_temperature(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"a temperature above 0 must be at least {MIN_TEMPERATURE} (far smaller ones overflow "
+                             f"the decoder's scores); 0 turns sampling off")
+        return value
 
 
 # Fields that change an answer in ways Lynx does not reproduce, and the value that means "not used".
