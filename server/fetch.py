@@ -42,10 +42,8 @@ def system_resolve(host: str, port: int) -> list[str]:
 
 def is_public(address: str) -> bool:
     """True for an address on the public internet: not private, loopback, link-local, shared (100.64/10), reserved,
-    unspecified or multicast (IPv4 inside IPv6 judged as IPv4)."""
+    unspecified or multicast."""
     ip = ipaddress.ip_address(address.split("%")[0])
-    if ip.version == 6 and ip.ipv4_mapped is not None:
-        ip = ip.ipv4_mapped
     return ip.is_global and not ip.is_multicast
 
 

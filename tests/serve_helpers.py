@@ -152,8 +152,8 @@ class MediaWeb:
 
     /redirect?to=URL   302 to URL            /hold/PATH   the file, once `release` is set (`held` counts waiters)
     /loop              302 to itself         /reset       closes the connection without answering
-    /trickle           a byte every 0.2 s
-    /big               announces more bytes than any test's limit, then sends them
+    /trickle           a byte every 0.2 s    /unsized     64 KiB without a Content-Length
+    /big               announces more bytes than any test's limit, then waits for `release`
     """
 
     def __init__(self, root: Path):
@@ -181,17 +181,19 @@ class MediaWeb:
                     web.release.wait(60)
                     self.path = path[len("/hold"):]
                     super().do_GET()
-                elif path in ("/trickle", "/big"):
-                    size = 100 if path == "/trickle" else 10**8
+                elif path in ("/trickle", "/big", "/unsized"):
                     self.send_response(200)
-                    self.send_header("Content-Length", str(size))
+                    if path != "/unsized":
+                        self.send_header("Content-Length", "100" if path == "/trickle" else str(10**8))
                     self.end_headers()
-                    for _ in range(size if path == "/trickle" else 0):
+                    if path == "/unsized":
+                        self.wfile.write(b"x" * 2**16)
+                    for _ in range(100 if path == "/trickle" else 0):
                         self.wfile.write(b"x")
                         self.wfile.flush()
                         time.sleep(0.2)
                     if path == "/big":
-                        self.wfile.write(b"x" * 2**20)
+                        web.release.wait(60)
                 elif path == "/reset":
                     self.connection.close()
                 else:

@@ -196,6 +196,7 @@ def test_a_dead_worker_is_restarted_once_then_the_server_fails_fast():
         assert crashed.status == 503 and "restarted" not in crashed.message
         health = client.get("/health")
         assert health.status_code == 503 and "the engine stopped twice" in health.json()["error"]
+        assert health.json()["queued"] == 0
         chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "q"}]})
         assert chat.status_code == 503 and "the engine stopped twice" in chat.json()["error"]["message"]
         assert "lynx_ready 0.0" in client.get("/metrics").text

@@ -108,6 +108,15 @@ def test_every_redirect_is_checked_again(web):
     assert error.status == 403 and "only http(s) URLs" in error.message
 
 
+def test_the_address_checked_is_the_address_dialed(web):
+    """A name that answers a public address when checked and a private one when asked again (DNS rebinding):
+    the connection goes to the address that was checked."""
+    answers = iter([[PUBLIC], ["10.0.0.7"]])
+    fetch = Fetcher(10, 1, 2**20, resolve=lambda host, port: next(answers), connect=(dialer := Dialer(web)))
+    assert fetch.fetch(f"http://rebind.test:{web.port}/images/img_a.jpg", "p") == IMAGE
+    assert dialer.dialed == [(PUBLIC, web.port)]
+
+
 def test_allow_private_fetches_from_this_machine(web):
     fetch, dialer = fetcher(web, allow_private=True, local_test=["127.0.0.1"])
     assert fetch.fetch(f"http://local.test:{web.port}/images/img_a.jpg", "p") == IMAGE
@@ -157,10 +166,12 @@ def test_its_own_bounded_pool_refuses_at_once_when_full(web):
 
 
 def test_a_body_over_the_limit_is_413(web):
-    fetch, _ = fetcher(web, allow_private=True, max_bytes=1000)
-    for path in ("/big", "/images/img_a.jpg"):  # announced too large; sent larger than the limit
+    """Announced too large: refused before its body (which /big never sends); sent larger than announced
+    (no Content-Length): refused once the bytes read pass the limit."""
+    fetch, _ = fetcher(web, allow_private=True, max_bytes=1000, timeout=5.0)
+    for path in ("/big", "/unsized"):
         error = refusal(fetch, web.url(path))
-        assert error.status == 413 and "over the server's limit of 1000 bytes" in error.message
+        assert error.status == 413 and "over the server's limit of 1000 bytes" in error.message, path
 
 
 def test_a_slow_resolver_does_not_hold_the_caller_past_the_deadline(web):

@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import FIXTURE, fixture_config, one_line_error, read_jsonl
+from conftest import FIXTURE, fixture_config, read_jsonl
 from serve_helpers import Server, answer_of, data_url, image_message
 
 WINDOW_S = 1.0
@@ -137,11 +137,14 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(started):
     (["--host", "192.168.1.20"], "give it an --api-key (or --allow-unauthenticated"),
     (["--url-fetch-workers", "0"], "--url-fetch-workers must be at least 1"),
     (["--url-timeout", "-1"], "--url-timeout must be 0 or more")])
-def test_serve_refuses_an_open_server_without_a_key_before_loading(flags, words, capsys):
-    import serve
+def test_serve_refuses_an_open_server_without_a_key(flags, words):
+    """serve.py checks its flags (limits_of) before it loads anything or binds an address."""
+    from errors import InputError
+    from serve import limits_of, parse_args
 
-    assert serve.main(["--config", str(FIXTURE / "config.yaml"), *flags]) == 1
-    assert words in one_line_error(capsys)
+    with pytest.raises(InputError) as caught:
+        limits_of(parse_args(flags))
+    assert words in str(caught.value)
 
 
 def test_who_may_ask_follows_the_address_it_listens_on():
