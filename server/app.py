@@ -118,6 +118,7 @@ async def supervise(lynx: LynxState, restarts: int = 1) -> None:
         engine.waiting.clear()
         engine.worker = None  # nothing left to stop
 
+
 def fail(works, error: APIError) -> None:
     """Give `error` to every request of `works` that has no answer yet and release its media."""
     for work in works:

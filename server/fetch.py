@@ -76,9 +76,9 @@ class Fetcher:
         try:
             return future.result(timeout=self.timeout + 1)  # the thread keeps the deadline; this is a backstop
         except (FetchFailed, FutureTimeout, OSError, ValueError, http.client.HTTPException) as err:
-            log.info("could not fetch %s: %s", url, err or type(err).__name__)
-            raise APIError(400, f"cannot fetch {url} (no 200 answer within --url-timeout {self.timeout:g} s; the server's "
-                                f"log says why)", param, code="fetch_failed") from None
+            log.info("could not fetch %s: %s", shown(url), err or type(err).__name__)
+            raise APIError(400, f"cannot fetch {shown(url)} (no 200 answer within --url-timeout {self.timeout:g} s; "
+                                f"the server's log says why)", param, code="fetch_failed") from None
 
     def _fetch_in_slot(self, url: str, param: str, deadline: float) -> bytes:
         try:
@@ -102,13 +102,14 @@ class Fetcher:
         """One request: (status, Location, body). The address is checked before anything is sent to it."""
         parts = urllib.parse.urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
-            raise APIError(403, f"{url}: only http(s) URLs with a host are fetched (also after a redirect)", param)
+            raise APIError(403, f"{shown(url)}: only http(s) URLs with a host are fetched (also after a redirect)",
+                           param)
         port = parts.port or (443 if parts.scheme == "https" else 80)
         addresses = self.resolve(parts.hostname, port)
         if not addresses:
             raise FetchFailed(f"{parts.hostname} has no address")
         if not self.allow_private and not all(map(is_public, addresses)):
-            raise APIError(403, f"{url}: its host is not a public address (start the server with "
+            raise APIError(403, f"{shown(url)}: its host is not a public address (start the server with "
                                 f"--allow-private-urls to fetch from private, loopback or link-local addresses)",
                            param, code="address_refused")
         left = _time_left(deadline)
@@ -150,5 +151,10 @@ def _time_left(deadline: float) -> Callable[[], float]:
 
 
 def _too_large(url: str, max_bytes: int, param: str) -> APIError:
-    return APIError(413, f"{url} is over the server's limit of {max_bytes} bytes (--max-body-mb)", param,
+    return APIError(413, f"{shown(url)} is over the server's limit of {max_bytes} bytes (--max-body-mb)", param,
                     code="request_too_large")
+
+
+def shown(url: str) -> str:
+    """A URL as messages show it: cut short (a request may send megabytes of one)."""
+    return url if len(url) <= 200 else url[:200] + "..."
