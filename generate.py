@@ -103,7 +103,7 @@ def main(argv=None) -> int:
         cfg = load_config(args.config, args.overrides)
         records = read_records(cfg)
         run.check_output(cfg.test_files, args.overwrite)
-        check_weight_files(cfg)
+        check_weight_files(cfg, args.config, args.overrides)
         unanswered = answer(args, cfg, records, run)
     except InputError as err:
         print(f"error: {processes.prefix}{err}", file=sys.stderr)

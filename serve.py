@@ -3,13 +3,15 @@
     python serve.py --config configs/LYNX.yaml --device cuda            # http://127.0.0.1:8000
     python serve.py --config configs/tiny.yaml --device cpu             # the tiny model, no download
 
-Endpoints: GET / (the page), GET /health, GET /v1/models, POST /v1/chat/completions. See docs/serving.md.
+Endpoints: GET / (the page), GET /health, GET /metrics, GET /v1/models, POST /v1/chat/completions. See
+docs/serving.md.
 SIGTERM or Ctrl-C: no new connections, the requests in flight are answered, then the process ends by that signal
 (status 143 or 130 in a shell, as uvicorn ends). Exit status 1: the server could not start or load the model.
 """
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import logging
 import sys
 from pathlib import Path
@@ -17,7 +19,8 @@ from pathlib import Path
 from configs.decoding import request_limits
 from configs.schema import load_config
 from errors import InputError
-from server.security import Limits
+from server.fetch import Fetcher
+from server.security import LOOPBACK_NAMES, Limits, host_name
 
 log = logging.getLogger("lynx.server")
 
@@ -32,6 +35,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--model-name", default="lynx", help="the model's id in /v1/models and in requests")
     p.add_argument("--api-key", default=None, help="require 'Authorization: Bearer KEY' on every API request")
+    p.add_argument("--allow-unauthenticated", action="store_true",
+                   help="serve on a non-loopback --host without --api-key (refused otherwise)")
+    p.add_argument("--allowed-hosts", default=None, metavar="NAME,...",
+                   help="Host names answered besides this machine's own (localhost, 127.0.0.1, ::1, --host); '*': "
+                        "any. Checked when --host is a loopback address or when this flag is given (421 otherwise)")
+    p.add_argument("--cors-origin", dest="cors_origins", action="append", default=[], metavar="ORIGIN",
+                   help="let web pages from ORIGIN (e.g. https://app.example.com) call the API; repeatable. "
+                        "Without it no CORS headers are sent")
     p.add_argument("--batch-size", type=int, default=None,
                    help="most requests answered as one batch (default: the config's batch_size_test; 1 = off)")
     p.add_argument("--batch-window-ms", type=float, default=5.0,
@@ -47,17 +58,24 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--media-root", default=None,
                    help="allow file:// URLs and paths to files inside this folder (symlinks resolved)")
     p.add_argument("--allow-http-urls", action="store_true", help="let the server fetch http(s) media URLs")
+    p.add_argument("--allow-private-urls", action="store_true",
+                   help="with --allow-http-urls: also fetch from private, loopback and link-local addresses")
+    p.add_argument("--url-timeout", type=float, default=30.0, help="seconds one media URL may take, redirects "
+                                                                   "and all")
+    p.add_argument("--url-fetch-workers", type=int, default=8,
+                   help="most media URLs fetched at once (more get 503 with Retry-After)")
     p.add_argument("--log-level", default="info")
     return p.parse_args(argv)
 
 
 def limits_of(args) -> Limits:
     decoding = {field: getattr(args, f"{field}_limit") for field in request_limits()}
-    for name in ("batch_size", "queue_size", "max_images", *(f"{field}_limit" for field in decoding)):
+    for name in ("batch_size", "queue_size", "max_images", *(f"{field}_limit" for field in decoding),
+                 "url_fetch_workers"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
-    for name in ("batch_window_ms", "request_timeout", "max_body_mb"):
+    for name in ("batch_window_ms", "request_timeout", "max_body_mb", "url_timeout"):
         if not getattr(args, name) >= 0:
             raise InputError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
     root = None
@@ -65,9 +83,36 @@ def limits_of(args) -> Limits:
         root = Path(args.media_root).resolve()
         if not root.is_dir():
             raise InputError(f"--media-root {args.media_root}: not a folder")
-    return Limits(max_body_bytes=int(args.max_body_mb * 2**20), max_images=args.max_images,
+    loopback = is_loopback(args.host)
+    if not loopback and args.api_key is None and not args.allow_unauthenticated:
+        raise InputError(f"--host {args.host} lets other machines use the server: give it an --api-key (or "
+                         f"--allow-unauthenticated to serve without one)")
+    max_body_bytes = int(args.max_body_mb * 2**20)
+    fetcher = None
+    if args.allow_http_urls:
+        fetcher = Fetcher(args.url_timeout, args.url_fetch_workers, max_body_bytes, args.allow_private_urls)
+    return Limits(max_body_bytes=max_body_bytes, max_images=args.max_images,
                   decoding=decoding, queue_size=args.queue_size, request_timeout=args.request_timeout,
-                  media_root=root, allow_http=args.allow_http_urls, api_key=args.api_key)
+                  media_root=root, fetcher=fetcher, api_key=args.api_key, allowed_hosts=allowed_hosts(args, loopback),
+                  cors_origins=tuple(args.cors_origins))
+
+
+def is_loopback(host: str) -> bool:
+    if host_name(host) == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host_name(host)).is_loopback
+    except ValueError:  # a name other than localhost: it may resolve to anything
+        return False
+
+
+def allowed_hosts(args, loopback: bool) -> frozenset[str] | None:
+    """The Host names the server answers: this machine's own and --allowed-hosts; None (any) for a server on a
+    non-loopback address without --allowed-hosts, or with '*' among them."""
+    extra = {host_name(name) for name in (args.allowed_hosts or "").split(",") if name.strip()}
+    if "*" in extra or (not loopback and args.allowed_hosts is None):
+        return None
+    return frozenset(LOOPBACK_NAMES | {host_name(args.host)} | extra)
 
 
 def check_prompt(cfg, where: str) -> None:

@@ -20,12 +20,11 @@ import yaml
 from configs.schema import DTYPES, load_config
 from errors import InputError
 from models.build import TORCH_DTYPES, plan_lynx
-from models.weight_files import CONVERTED_CONFIG, CONVERTED_LLM, CONVERTED_WEIGHTS, check_weight_files
+from models.weight_files import CONVERTED_CONFIG, CONVERTED_LLM, CONVERTED_WEIGHTS, LLM_SIDE_FILES, \
+    check_weight_files
 from models.tensor_files import write_safetensors
 
 log = logging.getLogger("lynx")
-LLM_FILES = ("config.json", "generation_config.json", "tokenizer.model", "tokenizer_config.json",
-             "special_tokens_map.json")
 
 
 def convert(cfg, out: str, dtype: str) -> int:
@@ -38,7 +37,7 @@ def convert(cfg, out: str, dtype: str) -> int:
     for report in reports:
         log.info("%s", report.summary())
     os.makedirs(os.path.join(out, CONVERTED_LLM), exist_ok=True)
-    for name in LLM_FILES:
+    for name in LLM_SIDE_FILES:
         if os.path.isfile(os.path.join(cfg.llm_dir, name)):
             shutil.copy(os.path.join(cfg.llm_dir, name), os.path.join(out, CONVERTED_LLM, name))
     made_from = cfg.to_dict() | {"quantize": None, "quantize_vit": False}

@@ -8,9 +8,6 @@ on the device. A quantizer may take each linear layer as soon as its weights hav
 """
 from __future__ import annotations
 
-import json
-import os
-
 import torch
 from torch import nn
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
@@ -19,10 +16,8 @@ from errors import InputError
 from models.checkpoint import LoadReport, check_lynx_state, check_shapes, lynx_report, read_lynx_checkpoint, \
     vision_weights
 from models.tensor_files import LazyTensor, open_weight_file
+from models.weight_files import llm_files
 
-# The forms of a Hugging Face folder's weights, in transformers' order of preference.
-LLM_WEIGHTS = ("model.safetensors.index.json", "model.safetensors", "pytorch_model.bin.index.json",
-               "pytorch_model.bin")
 EMBEDDINGS = ("model.embed_tokens.weight", "lm_head.weight")
 
 
@@ -39,23 +34,6 @@ def release_plan(cfg, model: nn.Module, file_vocab: int) -> tuple[dict, list[Loa
     plan.update({"LLM." + k: v for k, v in llm.items()})
     plan.update({k: v for k, v in lynx_state.items() if k in own})
     return plan, [vit_report, llm_report, lynx_report(own, lynx_state, cfg.checkpoint)]
-
-
-def llm_files(folder: str) -> list[str]:
-    """The weight files of a Hugging Face folder: one file, or the shards its index names."""
-    for name in LLM_WEIGHTS:
-        path = os.path.join(folder, name)
-        if not os.path.isfile(path):
-            continue
-        if not name.endswith(".index.json"):
-            return [path]
-        try:
-            with open(path, encoding="utf-8") as f:
-                shards = sorted(set(json.load(f)["weight_map"].values()))
-        except (OSError, ValueError, KeyError, AttributeError) as err:
-            raise InputError(f"{path}: cannot read this shard index ({type(err).__name__}: {err})") from None
-        return [os.path.join(folder, shard) for shard in shards]
-    raise InputError(f"{folder}: no LLM weights (none of {', '.join(LLM_WEIGHTS)})")
 
 
 def llm_weights(folder: str, own: dict, file_vocab: int) -> tuple[dict, LoadReport]:

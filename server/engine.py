@@ -82,6 +82,7 @@ class Engine:
         self.arrived = asyncio.Event()
         self.stats = Stats()
         self.busy = 0  # requests of the batch being answered
+        self.batch: list[Work] = []  # the latest batch taken (a supervisor fails it if the worker dies)
         self.executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="lynx-model")
         self.worker: asyncio.Task | None = None
 
@@ -116,7 +117,7 @@ class Engine:
 
     async def _run(self) -> None:
         while True:
-            batch = await self._next_batch()
+            batch = self.batch = await self._next_batch()
             self.busy = len(batch)
             try:
                 results = await asyncio.get_running_loop().run_in_executor(self.executor, self._answer, batch)

@@ -10,9 +10,17 @@ import time
 import uuid
 from typing import Annotated, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, create_model
+from pydantic import BaseModel, ConfigDict, Field, create_model, field_validator
 
 from configs.decoding import DecodingSettings, request_fields
+
+# OpenAI's ranges, on top of the settings' own checks: a temperature from 0 to 2, and none so small above 0 that
+# the logits it divides overflow; beam search divides a hypothesis' score by length ** length_penalty in Python
+# floats (as transformers 4.28 does): within +-10 that stays finite for any answer length a server allows.
+MAX_LENGTH_PENALTY = 10.0
+MIN_TEMPERATURE = 1e-3
+REQUEST_RANGES = {"temperature": dict(ge=0, le=2),
+                  "length_penalty": dict(ge=-MAX_LENGTH_PENALTY, le=MAX_LENGTH_PENALTY)}
 
 
 class MediaURL(BaseModel):
@@ -60,20 +68,27 @@ class OpenAIRequest(BaseModel):
     messages: list[Message] = Field(min_length=1)
     model: str | None = None
     max_completion_tokens: int | None = None  # max_tokens' newer name (max_tokens wins when both are given)
-    seed: int | None = None
-    n: int = 1
-    stream: bool = False
+    seed: int | None = Field(default=None, ge=-2**63, lt=2**64)  # what a torch.Generator takes
+    n: int | None = 1  # null: 1, as OpenAI's clients mean it
+    stream: bool | None = False
     stream_options: StreamOptions | None = None
+
+    @field_validator("temperature", check_fields=False)  # a decoding field: request_model adds it
+    @classmethod
+    def sampling_temperature(cls, value: float | None) -> float | None:
+        if value is not None and 0 < value < MIN_TEMPERATURE:
+            raise ValueError(f"a temperature above 0 must be at least {MIN_TEMPERATURE} (far smaller ones overflow "
+                             f"the decoder's scores); 0 turns sampling off")
+        return value
 
 
 def request_model(settings: type = DecodingSettings) -> type[OpenAIRequest]:
     """The chat request with a field for every decoding option a request may set (configs/decoding.py: OpenAI's
     `max_tokens`, `temperature`, `top_p`, and Lynx's own keys named as in LYNX.yaml), each optional and typed; the
-    values are checked by the settings, which name the field."""
+    values are checked by the settings, which name the field, within OpenAI's ranges (REQUEST_RANGES)."""
     options = settings.options()
-    fields = {field: (options[name].kind | None, Field(default=None, allow_inf_nan=False)
-                      if options[name].kind is float else None)
-              for name, field in request_fields(settings).items()}
+    fields = {field: (options[name].kind | None, Field(default=None, allow_inf_nan=False, **REQUEST_RANGES.get(
+        field, {})) if options[name].kind is float else None) for name, field in request_fields(settings).items()}
     return create_model("ChatCompletionRequest", __base__=OpenAIRequest, **fields)
 
 

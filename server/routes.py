@@ -2,15 +2,17 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 from fastapi import APIRouter, Depends, Request
-from fastapi.responses import FileResponse, JSONResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
 
 from server.errors import APIError, validation_message
+from server.metrics import CONTENT_TYPE
 from server.protocol import ChatCompletionRequest, ModelCard, ModelList, unsupported_field
-from server.security import check_key
+from server.security import check_json, check_key
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
@@ -50,20 +52,38 @@ async def health(request: Request):
                         headers={"Cache-Control": "no-store"})
 
 
+@router.get("/metrics")
+async def metrics(request: Request):
+    return Response(state(request).metrics.render(), media_type=CONTENT_TYPE, headers={"Cache-Control": "no-store"})
+
+
 @router.get("/v1/models", dependencies=[Depends(authorized)])
 async def models(request: Request):
     lynx = state(request)
     return ModelList(data=[ModelCard(id=lynx.model_name, created=lynx.started)]).model_dump()
 
 
+@router.get("/v1/models/{model_id:path}", dependencies=[Depends(authorized)])
+async def model(model_id: str, request: Request):
+    lynx = state(request)
+    if model_id != lynx.model_name:
+        raise APIError(404, f"the model {model_id[:100]!r} does not exist here; this server serves "
+                            f"{lynx.model_name!r}", "model", "model_not_found")
+    return ModelCard(id=lynx.model_name, created=lynx.started).model_dump()
+
+
 @router.post("/v1/chat/completions", dependencies=[Depends(authorized)])
 async def chat_completions(request: Request):
+    started = time.monotonic()
+    check_json(request)
     service = ready(request)
     body = await request.body()
     try:
         raw = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
         raise APIError(400, f"the body is not valid JSON: {err}") from None
+    except RecursionError:
+        raise APIError(400, "the body's JSON is nested too deeply") from None
     if not isinstance(raw, dict):
         raise APIError(400, f"the body must be a JSON object, got {type(raw).__name__}")
     try:
@@ -73,6 +93,8 @@ async def chat_completions(request: Request):
         raise APIError(400, message, param) from None
     check(chat, state(request))
     completion = await service.complete(chat, request)
+    usage = completion.usage
+    state(request).metrics.answered(time.monotonic() - started, usage.prompt_tokens, usage.completion_tokens)
     if not chat.stream:
         return JSONResponse(completion.model_dump())
     include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
@@ -81,19 +103,33 @@ async def chat_completions(request: Request):
 
 
 def check(chat: ChatCompletionRequest, lynx) -> None:
-    """What the schema cannot say: the model's name, n, unsupported fields, the server's limits of media (those of
-    decoding: serving.ChatService.settings)."""
+    """What the schema cannot say: the model's name, n, text the tokenizer can take, unsupported fields, the
+    server's limits of media (those of decoding: serving.ChatService.settings)."""
     if chat.model is not None and chat.model != lynx.model_name:
-        raise APIError(404, f"the model {chat.model!r} does not exist here; this server serves {lynx.model_name!r}",
-                       "model", "model_not_found")
-    if chat.n != 1:
+        raise APIError(404, f"the model {chat.model[:100]!r} does not exist here; this server serves "
+                            f"{lynx.model_name!r}", "model", "model_not_found")
+    if chat.n not in (None, 1):
         raise APIError(400, f"n must be 1 (one answer per request), got {chat.n}", "n")
     name = unsupported_field(chat)
     if name is not None:
         raise APIError(400, f"'{name}' is not supported by Lynx; leave it out", name)
     limits = lynx.limits
     for i, message in enumerate(chat.messages):
+        for j, part in enumerate(message.parts()):
+            if part.type == "text" and not is_unicode(part.text):
+                where = f"messages.{i}.content" + (f".{j}.text" if isinstance(message.content, list) else "")
+                raise APIError(400, f"{where}: the text is not valid Unicode (it holds a lone surrogate, such as "
+                                    f"\\ud800 in JSON)", where)
         media = sum(1 for p in message.parts() if p.type in ("image_url", "video_url"))
         if media > limits.max_images:
             raise APIError(400, f"{media} images in one message, over the server's limit of {limits.max_images} "
                                 f"(--max-images)", f"messages.{i}.content")
+
+
+def is_unicode(text: str) -> bool:
+    """False for a string JSON may hold but UTF-8 cannot: one with a lone surrogate ("\\ud800")."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True

@@ -1,11 +1,15 @@
-"""The edge: what a request may be and where its media may come from.
+"""The edge: who may ask, what a request may be and where its media may come from.
 
-- `--api-key`: every request but the page and /health needs `Authorization: Bearer KEY` (401 otherwise).
-- Body size (413), images per request and what a request's decoding may cost (400, `decoding`: max_tokens,
+- `Host` (421): bound to a loopback address, the server answers only requests addressed to this machine's own
+  names (`localhost`, `127.0.0.1`, `[::1]`, `--host`) and `--allowed-hosts`, so that a web page whose name is made
+  to resolve to 127.0.0.1 (DNS rebinding) cannot read its answers.
+- `--api-key`: every request but the page, /health and /metrics needs `Authorization: Bearer KEY` (401 otherwise).
+- Bodies are `application/json` (415 otherwise: a browser posts `text/plain` to any site without asking first);
+  body size (413), images per request and what a request's decoding may cost (400, `decoding`: max_tokens,
   num_beams, top_k): limits checked before any work is done.
 - Media: `data:` URLs always; `file://` URLs and plain paths only with `--media-root DIR`, and only when the path,
   symlinks followed and `..` resolved, lies inside DIR (403 otherwise); http(s) URLs only with
-  `--allow-http-urls` (403 otherwise), fetched with the body-size limit and a timeout.
+  `--allow-http-urls` (403 otherwise), fetched by server/fetch.py.
 """
 from __future__ import annotations
 
@@ -14,7 +18,6 @@ import binascii
 import hmac
 import os
 import urllib.parse
-import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,8 +25,9 @@ from fastapi import Request
 
 from configs.decoding import request_limits
 from server.errors import APIError, error_response
+from server.fetch import Fetcher
 
-HTTP_FETCH_TIMEOUT_S = 30
+LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 
 
 @dataclass(frozen=True)
@@ -34,8 +38,10 @@ class Limits:
     queue_size: int = 256
     request_timeout: float = 600.0
     media_root: Path | None = None  # resolved (realpath) when set
-    allow_http: bool = False
+    fetcher: Fetcher | None = None  # http(s) URLs are fetched only with one (--allow-http-urls)
     api_key: str | None = None
+    allowed_hosts: frozenset[str] | None = None  # Host names answered (lower case, no port); None: any
+    cors_origins: tuple[str, ...] = ()
 
 
 def check_key(request: Request, limits: Limits) -> None:
@@ -50,12 +56,47 @@ def check_key(request: Request, limits: Limits) -> None:
         raise APIError(401, "incorrect API key", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
 
 
+def check_json(request: Request) -> None:
+    """415 unless the body is declared JSON: the content types a browser may post to any site without asking it
+    first (text/plain, forms) are not parsed."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if kind != "application/json":
+        raise APIError(415, f"the body must be JSON sent with 'Content-Type: application/json', got "
+                            f"{kind[:100] or 'no content type'!r}", code="unsupported_media_type")
+
+
+def host_name(host: str) -> str:
+    """The name in a Host header: lower case, without the port, the brackets of an IPv6 address or a final dot."""
+    host = host.strip().lower()
+    if host.startswith("["):
+        host = host[1:].partition("]")[0]
+    elif host.count(":") == 1:
+        host = host.partition(":")[0]
+    return host.rstrip(".")
+
+
+class HostCheck:
+    """ASGI middleware: 421 for a request whose Host is not one of the names the server answers for."""
+
+    def __init__(self, app, allowed: frozenset[str], metrics=None):
+        self.app, self.allowed, self.metrics = app, allowed, metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "http":
+            host = dict(scope["headers"]).get(b"host", b"").decode("latin-1")
+            if host_name(host) not in self.allowed:
+                error = APIError(421, f"this server does not answer requests for the host {host[:100]!r} "
+                                      f"(--allowed-hosts adds names)", code="host_not_allowed")
+                return await error_response(error, self.metrics)(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
 class BodyLimit:
     """ASGI middleware: a body over `max_bytes` gets 413, by its Content-Length before it is read, or as soon as
     the bytes received pass the limit."""
 
-    def __init__(self, app, max_bytes: int):
-        self.app, self.max_bytes = app, max_bytes
+    def __init__(self, app, max_bytes: int, metrics=None):
+        self.app, self.max_bytes, self.metrics = app, max_bytes, metrics
 
     def too_large(self) -> APIError:
         return APIError(413, f"the request body is over the server's limit of {self.max_bytes} bytes "
@@ -66,7 +107,7 @@ class BodyLimit:
             return await self.app(scope, receive, send)
         length = dict(scope["headers"]).get(b"content-length")
         if length is not None and length.isdigit() and int(length) > self.max_bytes:
-            return await error_response(self.too_large())(scope, receive, send)
+            return await error_response(self.too_large(), self.metrics)(scope, receive, send)
         seen = 0
 
         async def counted():
@@ -96,10 +137,10 @@ def locate(url: str, limits: Limits, param: str) -> Source:
         return _data_url(url, param)
     scheme = urllib.parse.urlsplit(url).scheme.lower()
     if scheme in ("http", "https"):
-        if not limits.allow_http:
+        if limits.fetcher is None:
             raise APIError(403, "http(s) URLs are not fetched by this server: send the media as a data: URL "
                                 "(or start it with --allow-http-urls)", param)
-        return Source(data=_fetch(url, limits, param))
+        return Source(data=limits.fetcher.fetch(url, param))
     if scheme == "file":
         parts = urllib.parse.urlsplit(url)
         if parts.netloc not in ("", "localhost"):
@@ -117,12 +158,16 @@ def inside_media_root(path: str, limits: Limits, param: str) -> str:
                             "--media-root DIR to allow files inside DIR)", param)
     try:
         real = Path(os.path.realpath(limits.media_root / path))
-    except (ValueError, OSError) as err:
+        inside = real.is_relative_to(limits.media_root)
+        found = inside and real.is_file()
+    except OSError as err:  # a name too long, ...: its message would show the server's own folders
+        raise APIError(400, f"not a usable path ({err.strerror or type(err).__name__})", param) from None
+    except ValueError as err:  # a NUL byte, an unencodable character
         raise APIError(400, f"not a usable path ({err})", param) from None
-    if not real.is_relative_to(limits.media_root):
+    if not inside:
         raise APIError(403, "the path is outside the server's media root", param)
-    if not real.is_file():
-        raise APIError(400, f"no such file in the media root: {path}", param)
+    if not found:
+        raise APIError(400, f"no such file in the media root: {path[:200]}", param)
     return str(real)
 
 
@@ -135,14 +180,3 @@ def _data_url(url: str, param: str) -> Source:
     except (binascii.Error, ValueError) as err:
         raise APIError(400, f"the data: URL is not valid base64 ({err})", param) from None
     return Source(data=data, mime=header[:-len(";base64")].split(";")[0].lower() or None)
-
-
-def _fetch(url: str, limits: Limits, param: str) -> bytes:
-    try:
-        with urllib.request.urlopen(url, timeout=HTTP_FETCH_TIMEOUT_S) as response:
-            data = response.read(limits.max_body_bytes + 1)
-    except (OSError, ValueError) as err:
-        raise APIError(400, f"cannot fetch {url}: {err}", param) from None
-    if len(data) > limits.max_body_bytes:
-        raise APIError(413, f"{url} is over the server's limit of {limits.max_body_bytes} bytes", param)
-    return data

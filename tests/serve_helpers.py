@@ -133,6 +133,15 @@ class Server:
     def chat(self, **body):
         return self.request("POST", "/v1/chat/completions", body)
 
+    def metrics(self) -> dict:
+        """{(sample name, sorted labels): value} of GET /metrics, parsed by prometheus-client."""
+        from prometheus_client.parser import text_string_to_metric_families
+
+        status, head, text = self.request("GET", "/metrics", key=False)
+        assert status == 200 and head["content-type"].startswith("text/plain; version="), head
+        return {(sample.name, tuple(sorted(sample.labels.items()))): sample.value
+                for family in text_string_to_metric_families(text) for sample in family.samples}
+
     def stop(self, sig=signal.SIGTERM, timeout: float = 60) -> int:
         if self.process.poll() is None:
             self.process.send_signal(sig)
@@ -146,3 +155,72 @@ class Server:
 
 def answer_of(reply: dict) -> str:
     return reply["choices"][0]["message"]["content"]
+
+
+class MediaWeb:
+    """A web server on 127.0.0.1 that serves the files under `root` for the URL-fetching tests, and more:
+
+    /redirect?to=URL   302 to URL            /hold/PATH   the file, once `release` is set (`held` counts waiters)
+    /loop              302 to itself         /reset       closes the connection without answering
+    /trickle           a byte every 0.2 s    /unsized     64 KiB without a Content-Length
+    /big               announces more bytes than any test's limit, then waits for `release`
+    """
+
+    def __init__(self, root: Path):
+        import functools
+        import http.server
+        import threading
+        import urllib.parse
+
+        web = self
+
+        class Handler(http.server.SimpleHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_GET(self):
+                path, _, query = self.path.partition("?")
+                if path in ("/redirect", "/loop"):
+                    self.send_response(302)
+                    self.send_header("Location", urllib.parse.parse_qs(query)["to"][0] if query else "/loop")
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                elif path.startswith("/hold/"):
+                    with web.lock:
+                        web.held += 1
+                    web.release.wait(60)
+                    self.path = path[len("/hold"):]
+                    super().do_GET()
+                elif path in ("/trickle", "/big", "/unsized"):
+                    self.send_response(200)
+                    if path != "/unsized":
+                        self.send_header("Content-Length", "100" if path == "/trickle" else str(10**8))
+                    self.end_headers()
+                    if path == "/unsized":
+                        self.wfile.write(b"x" * 2**16)
+                    for _ in range(100 if path == "/trickle" else 0):
+                        self.wfile.write(b"x")
+                        self.wfile.flush()
+                        time.sleep(0.2)
+                    if path == "/big":
+                        web.release.wait(60)
+                elif path == "/reset":
+                    self.connection.close()
+                else:
+                    super().do_GET()
+
+        self.held, self.lock, self.release = 0, threading.Lock(), threading.Event()
+        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0),
+                                                     functools.partial(Handler, directory=str(root)))
+        self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda request, address: None  # a client that went away: not the test's news
+        self.port = self.httpd.server_port
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def url(self, path: str, host: str = "127.0.0.1") -> str:
+        return f"http://{host}:{self.port}{path}"
+
+    def close(self) -> None:
+        self.release.set()
+        self.httpd.shutdown()
+        self.httpd.server_close()

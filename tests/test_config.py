@@ -350,16 +350,24 @@ def test_max_input_tokens_zero_or_less_keeps_the_whole_prompt(in_fixture):
     assert ids[40] == ids[0][-40:]
 
 
-def test_generate_sh_without_weights_names_the_missing_file(tmp_path):
-    """A new user's first `bash generate.sh` without the weights: one line, the file and where to get it."""
+def test_generate_sh_without_weights_names_the_missing_files_and_the_fetch_command(tmp_path):
+    """A new user's first `bash generate.sh` without the weights: every file, where it goes and comes from, and the
+    one command that fetches them."""
     shutil.copytree(ROOT / "configs", tmp_path / "configs")
     shutil.copytree(ROOT / "data", tmp_path / "data", ignore=shutil.ignore_patterns("*.pt", "*.pth", "vicuna-7b"))
     proc = subprocess.run(["bash", str(ROOT / "generate.sh")], cwd=tmp_path, capture_output=True, text=True,
                           timeout=120, env=dict(os.environ, PYTHON=sys.executable))
     assert proc.returncode == 1
     lines = proc.stderr.strip().splitlines()
-    assert lines == ["error: weight file not found: ./data/eva_vit_g.pth — get EVA01_g_psz14.pt from "
-                     "https://huggingface.co/QuanSun/EVA-CLIP (save it as data/eva_vit_g.pth)"]
+    assert lines == [
+        f"error: 3 weight files named by the config are missing (relative paths are read from the working "
+        f"directory, {tmp_path}):",
+        "  vit_checkpoint ./data/eva_vit_g.pth: no such file — EVA01_g_psz14.pt of "
+        "https://huggingface.co/QuanSun/EVA-CLIP, saved under this name",
+        "  LLM folder ./data/vicuna-7b: no such folder — the files of https://huggingface.co/lmsys/vicuna-7b-v1.1",
+        "  checkpoint ./data/finetune_lynx.pt: no such file — "
+        "https://lf-robot-opensource.bytetos.com/obj/lab-robot-public/lynx_release/finetune_lynx.pt",
+        "fetch them with: python -m lynx.fetch --config ./configs/LYNX.yaml"]
     assert not (tmp_path / "result_0.jsonl").exists()
 
 

@@ -86,18 +86,76 @@ def test_unknown_key_in_set_override(tmp_path, in_fixture, no_model, capsys):
     assert "unknown config key 'data.num_frame' (did you mean 'num_frames'?)" in one_line_error(capsys)
 
 
-@pytest.mark.parametrize("key, value, expected", [
-    ("checkpoint", "./data/nope_lynx.pt",
-     "weight file not found: ./data/nope_lynx.pt — get https://lf-robot-opensource.bytetos.com/"),
-    ("vit_checkpoint", "./data/nope_vit.pth",
-     "weight file not found: ./data/nope_vit.pth — get EVA01_g_psz14.pt from https://huggingface.co/QuanSun/"),
-    ("llm_path", "./data/nope-7b",
-     "LLM folder not found or incomplete: ./data/nope-7b (no config.json) — get Vicuna"),
+def error_lines(capsys) -> list[str]:
+    """The lines of the one error a run printed (its `error: ` line and the lines under it)."""
+    err = capsys.readouterr().err
+    assert "Traceback" not in err and err.count("error: ") == 1, err
+    return err[err.index("error: "):].strip().splitlines()
+
+
+RELEASE = "https://lf-robot-opensource.bytetos.com/obj/lab-robot-public/lynx_release/"
+
+
+@pytest.mark.parametrize("key, value, line", [
+    ("checkpoint", "./data/pretrain_lynx.pt",
+     f"  checkpoint ./data/pretrain_lynx.pt: no such file — {RELEASE}pretrain_lynx.pt"),
+    ("vit_checkpoint", "./weights/eva.pth",
+     "  vit_checkpoint ./weights/eva.pth: no such file (there is no folder ./weights) — EVA01_g_psz14.pt of "
+     "https://huggingface.co/QuanSun/EVA-CLIP, saved under this name"),
+    ("llm_path", "./data/llama",
+     "  llm_path ./data/llama: no such folder — the files of https://huggingface.co/lmsys/vicuna-7b-v1.1"),
 ])
-def test_missing_weight_file_names_it_and_its_source(tmp_path, in_fixture, no_model, capsys, key, value, expected):
-    assert run_main(fixture_config(**{key: value}), tmp_path) == 1
-    assert expected in one_line_error(capsys)
+def test_missing_weight_file_names_where_it_goes_its_source_and_the_fetch_command(tmp_path, in_fixture, no_model,
+                                                                                   capsys, key, value, line):
+    assert run_main(fixture_config(**{key: value}), tmp_path, "--set", "num_beams=1") == 1
+    assert error_lines(capsys) == [
+        f"error: a weight file named by the config is missing (relative paths are read from the working directory, "
+        f"{FIXTURE}):", line, f"fetch it with: python -m lynx.fetch --config {tmp_path}/config.yaml --set num_beams=1"]
     assert not (tmp_path / "answers.jsonl.partial.jsonl").exists()
+
+
+def test_every_missing_weight_file_is_named_at_once_with_the_working_directory(tmp_path, no_model, monkeypatch,
+                                                                                capsys):
+    """Run from a folder that is not the project's root: the relative paths of the config point at nothing."""
+    monkeypatch.chdir(tmp_path)
+    assert run_main(fixture_config(test_files=[str(IMAGES_JSONL)]), tmp_path) == 1
+    assert error_lines(capsys) == [
+        f"error: 3 weight files named by the config are missing (relative paths are read from the working directory, "
+        f"{tmp_path}):",
+        "  vit_checkpoint ./data/eva_vit_g.pth: no such file (there is no folder ./data) — EVA01_g_psz14.pt of "
+        "https://huggingface.co/QuanSun/EVA-CLIP, saved under this name",
+        "  LLM folder ./data/vicuna-7b: no such folder (there is no folder ./data) — the files of "
+        "https://huggingface.co/lmsys/vicuna-7b-v1.1",
+        f"  checkpoint ./data/finetune_lynx.pt: no such file (there is no folder ./data) — {RELEASE}finetune_lynx.pt",
+        f"fetch them with: python -m lynx.fetch --config {tmp_path}/config.yaml"]
+
+
+def test_a_mistyped_weight_path_gets_the_close_name_not_download_advice(tmp_path, in_fixture, no_model, capsys):
+    cfg = fixture_config(vit_checkpoint="./data/eva_vit_g.pht", checkpoint="./data/finetune-lynx.pt")
+    assert run_main(cfg, tmp_path) == 1
+    assert error_lines(capsys) == [
+        f"error: 2 weight files named by the config are missing (relative paths are read from the working directory, "
+        f"{FIXTURE}):",
+        "  vit_checkpoint ./data/eva_vit_g.pht: no such file; did you mean ./data/eva_vit_g.pth?",
+        "  checkpoint ./data/finetune-lynx.pt: no such file; did you mean ./data/finetune_lynx.pt?"]
+
+
+def test_a_weight_file_still_downloading_says_so(tmp_path, in_fixture, no_model, capsys):
+    (tmp_path / "eva.pth.partial").write_bytes(b"half")
+    assert run_main(fixture_config(vit_checkpoint=str(tmp_path / "eva.pth")), tmp_path) == 1
+    assert error_lines(capsys)[1] == (
+        f"  vit_checkpoint {tmp_path}/eva.pth: not there yet: a download of it is in {tmp_path}/eva.pth.partial — "
+        f"EVA01_g_psz14.pt of https://huggingface.co/QuanSun/EVA-CLIP, saved under this name")
+
+
+def test_an_incomplete_llm_folder_names_what_it_lacks(tmp_path, in_fixture, no_model, capsys):
+    folder = tmp_path / "vicuna"
+    shutil.copytree(FIXTURE / "data" / "vicuna-7b", folder, ignore=shutil.ignore_patterns("tokenizer.model", "*.bin"))
+    assert run_main(fixture_config(llm_path=str(folder)), tmp_path) == 1
+    assert error_lines(capsys)[1] == (
+        f"  llm_path {folder}: no tokenizer.model, no weights (model.safetensors.index.json or model.safetensors or "
+        f"pytorch_model.bin.index.json or pytorch_model.bin) — the files of "
+        f"https://huggingface.co/lmsys/vicuna-7b-v1.1")
 
 
 def test_checkpoint_with_wrong_shape_names_file_key_and_shapes(tmp_path, in_fixture, capsys, no_weights_loaded):

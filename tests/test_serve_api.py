@@ -2,7 +2,9 @@
 
 Answers over HTTP are the fixture's expected answers, which are generate.py's (test_parity pins that), for greedy
 and beam search, images and videos; concurrency and batching do not change them; bad requests get OpenAI's error
-JSON with the right status and the server goes on answering.
+JSON with the right status, never a 500 or one of the server's own folders, and the server goes on answering;
+/metrics counts what happened. The server fetches http(s) URLs (public addresses only): the table's URLs name
+private addresses, refused before any connection is made.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ from serve_helpers import Server, answer_of, data_url, image_message, messages_o
 
 KEY = "sk-test-key"
 MAX_IMAGES, MAX_TOKENS = 8, 64
+PAGE_ORIGIN = "http://page.test"
 
 
 def records(kind: str) -> list[dict]:
@@ -35,12 +38,18 @@ def expected(name: str) -> dict:
 
 @pytest.fixture(scope="module")
 def media_root(tmp_path_factory):
+    """(root, outside): the media root, and a folder outside it; a folder beside the root shares its name's
+    prefix (root-private), so that a string-prefix check would take it for the inside."""
     root = tmp_path_factory.mktemp("media_root")
     (root / "pics").mkdir()
     (root / "pics" / "a.jpg").write_bytes((FIXTURE / "images" / "img_a.jpg").read_bytes())
+    (root / "bad.mp4").write_bytes(b"\0garbage" * 64)
     outside = tmp_path_factory.mktemp("outside")
     (outside / "secret.jpg").write_bytes((FIXTURE / "images" / "img_a.jpg").read_bytes())
     os.symlink(outside / "secret.jpg", root / "pics" / "link.jpg")
+    beside = root.parent / f"{root.name}-private"
+    beside.mkdir()
+    (beside / "secret.jpg").write_bytes((FIXTURE / "images" / "img_a.jpg").read_bytes())
     return root, outside
 
 
@@ -48,7 +57,8 @@ def media_root(tmp_path_factory):
 def server(tmp_path_factory, media_root):
     tmp = tmp_path_factory.mktemp("serve_api")
     srv = Server(fixture_config(), tmp, "--media-root", str(media_root[0]), "--max-images", str(MAX_IMAGES),
-                 "--max-tokens-limit", str(MAX_TOKENS), "--max-body-mb", "1", cwd=FIXTURE, api_key=KEY)
+                 "--max-tokens-limit", str(MAX_TOKENS), "--max-body-mb", "1", "--allow-http-urls",
+                 "--allowed-hosts", "lynx.test", "--cors-origin", PAGE_ORIGIN, cwd=FIXTURE, api_key=KEY)
     try:
         srv.wait_ready()
         yield srv
@@ -63,6 +73,7 @@ def client(server):
 
 def test_models_health_and_the_key(server, client):
     assert [m.id for m in client.models.list().data] == ["lynx"]
+    assert client.models.retrieve("lynx").id == "lynx"
     status, _, body = server.request("GET", "/health", key=False)
     assert status == 200 and body["status"] == "ready"
     assert server.request("GET", "/v1/models", key=False)[0] == 401
@@ -133,6 +144,56 @@ def test_seeded_sampling_repeats_whatever_else_is_waiting(server, client):
     assert again.result().choices[0].message.content == first
 
 
+def test_null_n_and_stream_as_openai_style_clients_send_them(server):
+    record = records("image")[0]
+    status, _, body = server.chat(messages=messages_of(record), n=None, stream=None, stream_options=None)
+    assert status == 200 and answer_of(body) == expected("images_greedy")[record["index"]], body
+
+
+def test_the_servers_own_names_and_allowed_hosts_are_answered(server):
+    for host in ("127.0.0.1", "localhost", "[::1]", "lynx.test", "LYNX.test."):
+        status, _, _ = server.request("GET", "/health", headers={"Host": f"{host}:{server.port}"})
+        assert status == 200, host
+
+
+def test_cors_answers_only_the_given_origin(server):
+    preflight = {"Origin": PAGE_ORIGIN, "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization, content-type"}
+    status, head, _ = server.request("OPTIONS", "/v1/chat/completions", headers=preflight, key=False)
+    assert status == 200 and head["access-control-allow-origin"] == PAGE_ORIGIN
+    other = {**preflight, "Origin": "http://attacker.example"}
+    status, head, _ = server.request("OPTIONS", "/v1/chat/completions", headers=other, key=False)
+    assert status == 400 and "access-control-allow-origin" not in head
+    status, head, _ = server.request("GET", "/v1/models", headers={"Origin": "http://attacker.example"})
+    assert status == 200 and "access-control-allow-origin" not in head
+
+
+def test_metrics_count_answers_tokens_refusals_and_batches(server, client):
+    before = server.metrics()
+    record = records("image")[0]
+    replies = [client.chat.completions.create(model="lynx", messages=messages_of(record)) for _ in range(3)]
+    server.request("POST", "/v1/chat/completions", {"messages": messages_of(record)},
+                   headers={"Content-Type": "text/plain"})
+    server.request("GET", "/health", headers={"Host": "attacker.example"})
+    after = server.metrics()
+
+    def grew(name, **labels):
+        key = (name, tuple(sorted(labels.items())))
+        return after.get(key, 0) - before.get(key, 0)
+
+    assert grew("lynx_request_duration_seconds_count") == 3 and grew("lynx_request_duration_seconds_sum") > 0
+    assert grew("lynx_completion_tokens_sum") == sum(r.usage.completion_tokens for r in replies)
+    assert grew("lynx_prompt_tokens_sum") == sum(r.usage.prompt_tokens for r in replies)
+    assert grew("lynx_refused_requests_total", reason="unsupported_media_type") == 1
+    assert grew("lynx_refused_requests_total", reason="host_not_allowed") == 1
+    health = server.request("GET", "/health")[2]  # the engine's own counts, as /metrics read them
+    assert after[("lynx_batch_size_count", ())] == health["batches"]
+    assert after[("lynx_batch_size_sum", ())] == sum(int(k) * v for k, v in health["batch_sizes"].items())
+    assert after[("lynx_batch_size_bucket", (("le", "1"),))] == health["batch_sizes"].get("1", 0)
+    assert after[("lynx_engine_requests_total", (("outcome", "answered"),))] == health["answered"]
+    assert after[("lynx_queue_length", ())] == 0 and after[("lynx_ready", ())] == 1
+
+
 def good_request_answers(server):
     record = records("image")[0]
     status, _, body = server.chat(messages=messages_of(record))
@@ -143,8 +204,8 @@ def good_request_answers(server):
 IMG = FIXTURE / "images" / "img_a.jpg"
 
 
-def bad_requests(outside) -> list[tuple[str, dict, int, str]]:
-    """(name, request, status, words of the message). A request: body, or raw bytes, and headers."""
+def bad_requests(root, outside) -> list[tuple[str, dict, int, str]]:
+    """(name, request, status, words of the message). A request: body, or raw bytes, and headers; GET `path`."""
     img = data_url(IMG)
     ok = image_message("What is in the image?", img)
     text_b64 = base64.b64encode(b"just some text, not a picture").decode()
@@ -185,8 +246,44 @@ def bad_requests(outside) -> list[tuple[str, dict, int, str]]:
          "outside the server's media root"),
         ("symlink out of the media root", dict(body={"messages": image_message("q", "pics/link.jpg")}),
          403, "outside the server's media root"),
-        ("http URL not allowed", dict(body={"messages": image_message("q", "http://127.0.0.1:9/cat.jpg")}), 403,
-         "http(s) URLs are not fetched"),
+        ("Basic instead of Bearer", dict(body={"messages": ok}, headers={"Authorization": f"Basic {KEY}"}), 401,
+         "incorrect API key"),
+        ("a folder beside the media root, sharing its prefix", dict(body={"messages": image_message(
+            "q", f"../{root.name}-private/secret.jpg")}), 403, "outside the server's media root"),
+        ("text/plain body (a browser's cross-site post)", dict(body={"messages": ok},
+                                                              headers={"Content-Type": "text/plain"}), 415,
+         "must be JSON sent with 'Content-Type: application/json', got 'text/plain'"),
+        ("form body", dict(body={"messages": ok}, headers={"Content-Type": "application/x-www-form-urlencoded"}),
+         415, "'Content-Type: application/json'"),
+        ("a foreign Host (DNS rebinding)", dict(body={"messages": ok}, headers={"Host": "attacker.example:80"}), 421,
+         "does not answer requests for the host 'attacker.example:80'"),
+        ("deeply nested JSON", dict(raw=b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}"), 400,
+         "nested too deeply"),
+        ("a lone surrogate in the question", dict(raw=json.dumps({"messages": image_message(
+            "what is \ud800 here?", img)}).encode()), 400, "messages.0.content.0.text: the text is not valid Unicode"),
+        ("length_penalty 1e308", dict(body={"messages": ok, "length_penalty": 1e308, "num_beams": 2,
+                                            "temperature": 0}), 400, "length_penalty: Input should be less than"),
+        ("temperature 1e-300", dict(body={"messages": ok, "temperature": 1e-300}), 400, "at least 0.001"),
+        ("temperature over OpenAI's 2", dict(body={"messages": ok, "temperature": 1e300}), 400,
+         "temperature: Input should be less than or equal to 2"),
+        ("seed over 64 bits", dict(body={"messages": ok, "seed": 2**70, "temperature": 1}), 400,
+         "seed: Input should be less than"),
+        ("a 5,000-character path", dict(body={"messages": image_message("q", "a" * 5000)}), 400,
+         "not a usable path (File name too long)"),
+        ("undecodable video in the media root", dict(body={"messages": video_message("q", "bad.mp4")}), 400,
+         "cannot decode video: Error reading bad.mp4"),
+        ("http URL to this machine", dict(body={"messages": image_message("q", "http://127.0.0.1:9/cat.jpg")}), 403,
+         "its host is not a public address"),
+        ("http URL to IPv6 loopback", dict(body={"messages": image_message("q", "http://[::1]:9/cat.jpg")}), 403,
+         "its host is not a public address"),
+        ("http URL to a private network", dict(body={"messages": image_message("q", "http://10.1.2.3/cat.jpg")}), 403,
+         "--allow-private-urls"),
+        ("http URL to link-local (cloud metadata)", dict(body={"messages": image_message(
+            "q", "http://169.254.169.254/latest/meta-data/")}), 403, "its host is not a public address"),
+        ("http URL to multicast", dict(body={"messages": image_message("q", "http://224.0.0.1/cat.jpg")}), 403,
+         "its host is not a public address"),
+        ("unknown model by id", dict(method="GET", path="/v1/models/gpt-4o"), 404, "'gpt-4o' does not exist here"),
+        ("a 5,000-character route", dict(method="GET", path="/" + "a" * 5000), 404, "no route /aaa"),
         ("mixed image and video", dict(body={"messages": [{"role": "user", "content": [
             {"type": "text", "text": "q"}, {"type": "image_url", "image_url": {"url": img}},
             {"type": "video_url", "video_url": {"url": data_url(FIXTURE / "videos" / "clip_a.mp4")}}]}]}), 400,
@@ -219,19 +316,23 @@ def chunked(*parts: bytes) -> bytes:
 
 
 def test_bad_requests_get_status_and_message_and_the_server_goes_on(server, media_root):
-    table = bad_requests(media_root[1])
-    assert len(table) >= 15
+    table = bad_requests(*media_root)
+    assert len(table) >= 40
     for name, spec, status, words in table:
         if "http" in spec:  # a body over the limit: the server answers before reading it all
             got, reply = server.raw(spec["http"])
         else:
-            got, _, reply = server.request("POST", spec.get("path", "/v1/chat/completions"),
+            got, _, reply = server.request(spec.get("method", "POST"), spec.get("path", "/v1/chat/completions"),
                                            spec.get("raw", spec.get("body")), headers=spec.get("headers"),
                                            key=spec.get("key", True))
         assert got == status, (name, reply)
         error = reply["error"]
         assert words in error["message"], (name, error)
         assert set(error) == {"message", "type", "param", "code"}, name
+        # Never the server's own folders (a video decoder's message names its file), never an echo without end.
+        message = error["message"]
+        assert str(media_root[0]) not in message and str(server.tmpdir) not in message, (name, message)
+        assert len(message) < 500, name
         good_request_answers(server)
     assert "Traceback" not in server.log()
 

@@ -1,9 +1,12 @@
 """The batching engine alone, over a stand-in pipeline that records its calls: which requests share a batch, the
 window, seeded sampling alone, a request out of memory failing alone (the halving itself is the pipeline's:
-tests/test_robustness.py), a failing request failing alone, a full queue, stopping."""
+tests/test_robustness.py), a failing request failing alone, a full queue, stopping; and the application's
+supervision of the engine's worker."""
 from __future__ import annotations
 
 import asyncio
+import time
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -144,3 +147,58 @@ def test_stopping_lets_the_batch_that_runs_finish():
         return future.result()
 
     assert asyncio.run(main()).text == "video:q"
+
+
+class Crash(BaseException):
+    """What kills the engine's worker here: not an Exception, so the engine's own one-by-one retry lets it through
+    (as a bug in the worker's own code would)."""
+
+
+class CrashingPipeline(FakePipeline):
+    """Enough of a LynxPipeline for server.app; the question 'crash' kills the worker."""
+
+    cfg = SimpleNamespace(batch_size_test=4, prompt="{question}", lower_text=False, max_input_tokens=40,
+                          num_bridge_tokens=32, use_left_pad=True)
+    device = "cpu"
+
+    def answer_items(self, items, settings=None, seed=None):
+        if any(item.endswith(":crash") for item in items):
+            raise Crash("a bug in the worker")
+        return super().answer_items(items, settings, seed)
+
+
+def test_a_dead_worker_is_restarted_once_then_the_server_fails_fast():
+    """server.app supervises the engine: the first death fails only its batch and the worker starts again; the
+    second marks the server failed (/health and /metrics say so) and fails the queued request at once, not after
+    --request-timeout."""
+    from starlette.testclient import TestClient
+
+    from server.app import create_app
+    from server.errors import APIError
+    from server.security import Limits
+
+    app = create_app(CrashingPipeline, Limits(), "lynx", window=0.05)
+    with TestClient(app) as client:
+        deadline = time.monotonic() + 30
+        while client.get("/health").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        engine = app.state.lynx.engine
+
+        async def ask(*works):
+            return await asyncio.wait_for(asyncio.gather(*map(engine.submit, works), return_exceptions=True), 10)
+
+        [crashed] = client.portal.call(ask, work("image", "crash"))
+        assert isinstance(crashed, APIError) and crashed.status == 503 and "restarted" in crashed.message
+        assert [a.text for a in client.portal.call(ask, work("image", "fine"))] == ["image:fine"]
+        assert client.get("/health").status_code == 200
+
+        crashed, queued = client.portal.call(ask, work("image", "crash"),
+                                             work("video", "queued"))  # another batch: it waits
+        assert isinstance(queued, APIError) and (queued.status, queued.code) == (503, "engine_failed")
+        assert crashed.status == 503 and "restarted" not in crashed.message
+        health = client.get("/health")
+        assert health.status_code == 503 and "the engine stopped twice" in health.json()["error"]
+        assert health.json()["queued"] == 0
+        chat = client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": "q"}]})
+        assert chat.status_code == 503 and "the engine stopped twice" in chat.json()["error"]["message"]
+        assert "lynx_ready 0.0" in client.get("/metrics").text

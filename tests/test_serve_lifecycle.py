@@ -93,6 +93,28 @@ def test_a_request_over_the_timeout_gets_504(started):
     assert srv.request("POST", "/v1/chat/completions", ask())[0] == 200
 
 
+def test_metrics_read_the_queue_from_the_engine(started):
+    srv, _ = started
+    with ThreadPoolExecutor(1) as pool:
+        reply = pool.submit(srv.request, "POST", "/v1/chat/completions", ask())
+        deadline = time.monotonic() + 10
+        while srv.metrics()[("lynx_queue_length", ())] == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert srv.metrics()[("lynx_queue_length", ())] == 1  # waiting out its batch window
+        assert reply.result()[0] == 200
+    assert srv.metrics()[("lynx_queue_length", ())] == 0
+
+
+def test_without_their_flags_no_url_is_fetched_and_no_cors_is_sent(started):
+    srv, _ = started
+    status, _, body = srv.request("POST", "/v1/chat/completions",
+                                  {"messages": image_message("q", "http://127.0.0.1:9/cat.jpg")})
+    assert status == 403 and "http(s) URLs are not fetched" in body["error"]["message"]
+    status, head, _ = srv.request("OPTIONS", "/v1/chat/completions",
+                                  headers={"Origin": "http://page.test", "Access-Control-Request-Method": "POST"})
+    assert status == 405 and "access-control-allow-origin" not in head
+
+
 def test_sigterm_finishes_the_requests_in_flight_then_exits(started):
     srv, _ = started
     with ThreadPoolExecutor(3) as pool:
@@ -108,3 +130,38 @@ def test_sigterm_finishes_the_requests_in_flight_then_exits(started):
     assert [(s, answer_of(b)) for s, _, b in replies] == [(200, GREEDY_17)] * 3
     assert srv.process.wait(30) == -signal.SIGTERM
     assert "Traceback" not in srv.log()
+
+
+@pytest.mark.parametrize("flags, words", [
+    (["--host", "0.0.0.0"], "--host 0.0.0.0 lets other machines use the server: give it an --api-key"),
+    (["--host", "192.168.1.20"], "give it an --api-key (or --allow-unauthenticated"),
+    (["--url-fetch-workers", "0"], "--url-fetch-workers must be at least 1"),
+    (["--url-timeout", "-1"], "--url-timeout must be 0 or more")])
+def test_serve_refuses_an_open_server_without_a_key(flags, words):
+    """serve.py checks its flags (limits_of) before it loads anything or binds an address."""
+    from errors import InputError
+    from serve import limits_of, parse_args
+
+    with pytest.raises(InputError) as caught:
+        limits_of(parse_args(flags))
+    assert words in str(caught.value)
+
+
+def test_who_may_ask_follows_the_address_it_listens_on():
+    """Loopback: this machine's names and --allowed-hosts; another address: any Host (the key guards it) unless
+    --allowed-hosts names some."""
+    from serve import limits_of, parse_args
+
+    def allowed(*flags):
+        return limits_of(parse_args(list(flags))).allowed_hosts
+
+    assert allowed() == {"localhost", "127.0.0.1", "::1"}
+    assert allowed("--allowed-hosts", "Lynx.Example:8000,lab.test") == {"localhost", "127.0.0.1", "::1",
+                                                                        "lynx.example", "lab.test"}
+    assert allowed("--allowed-hosts", "*") is None
+    assert allowed("--host", "0.0.0.0", "--api-key", "k") is None
+    assert allowed("--host", "0.0.0.0", "--allow-unauthenticated") is None
+    assert "lynx.lan" in allowed("--host", "10.0.0.5", "--api-key", "k", "--allowed-hosts", "lynx.lan")
+    assert limits_of(parse_args([])).fetcher is None
+    fetcher = limits_of(parse_args(["--allow-http-urls", "--url-timeout", "5", "--max-body-mb", "2"])).fetcher
+    assert (fetcher.timeout, fetcher.workers, fetcher.max_bytes, fetcher.allow_private) == (5, 8, 2 * 2**20, False)

@@ -8,18 +8,18 @@ whatever the server batches it with (it batches only prompts of equal length the
 from __future__ import annotations
 
 import base64
-import functools
-import http.server
 import json
 import signal
-import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
 from conftest import read_jsonl, run_generate
 from random_fixture import config, write_random_fixture
-from serve_helpers import Server, answer_of, data_url, image_message, video_message
+from serve_helpers import MediaWeb, Server, answer_of, data_url, image_message, video_message
+
+FETCH_WORKERS = 8  # serve.py's default --url-fetch-workers
 
 
 def messages_of(root, record: dict) -> list[dict]:
@@ -47,7 +47,8 @@ def other(tmp_path_factory):
         assert run.returncode == 0, run.stderr[-3000:]
         answers = {r["index"]: r["text_output"] for r in read_jsonl(out / "answers.jsonl")}
         asked += [(r, answers[r["index"]]) for r in read_jsonl(root / "data" / f"Open_VQA_{kind}_tiny.jsonl")]
-    srv = Server(config(root), root, "--batch-size", "3", "--batch-window-ms", "50", "--allow-http-urls", cwd=root)
+    srv = Server(config(root), root, "--batch-size", "3", "--batch-window-ms", "50", "--allow-http-urls",
+                 "--allow-private-urls", cwd=root)
     try:
         srv.wait_ready()
         yield root, asked, srv
@@ -89,17 +90,44 @@ def test_traversal_and_garbage_get_4xx_and_the_server_goes_on(other):
 
 
 def test_http_urls_are_fetched_when_allowed(other):
-    """--allow-http-urls: the image comes from a web server (here one on 127.0.0.1 serving the fixture's images)."""
+    """--allow-http-urls --allow-private-urls: the image comes from a web server (here one on 127.0.0.1 serving the
+    fixture's images)."""
     root, asked, srv = other
     record, want = asked[0]
-    handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(root))
-    web = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
-    threading.Thread(target=web.serve_forever, daemon=True).start()
+    web = MediaWeb(root)
     try:
-        url = f"http://127.0.0.1:{web.server_port}/{record['image']}"
+        url = web.url(f"/{record['image']}")
         status, _, body = srv.chat(messages=image_message(record["question"], url))
         assert status == 200 and answer_of(body) == want, body
         status, _, body = srv.chat(messages=image_message(record["question"], url + ".missing"))
         assert status == 400 and "cannot fetch" in body["error"]["message"]
     finally:
-        web.shutdown()
+        web.close()
+
+
+def test_slow_urls_do_not_hold_up_other_requests(other):
+    """45 requests whose URL answers only when the test says so: 8 (--url-fetch-workers) are fetched, the others
+    get 503 at once, and a request with its image inline is answered while the 8 still wait; then the 8 are
+    answered too. (With fetches on the threads that read every request's media, 40 of them stopped the rest.)"""
+    root, asked, srv = other
+    record, want = asked[0]
+    web = MediaWeb(root)
+    slow = image_message(record["question"], web.url(f"/hold/{record['image']}"))
+    try:
+        with ThreadPoolExecutor(45) as pool:
+            replies = [pool.submit(srv.chat, messages=slow) for _ in range(45)]
+            deadline = time.monotonic() + 30
+            while (web.held < FETCH_WORKERS or sum(r.done() for r in replies) < 45 - FETCH_WORKERS) \
+                    and time.monotonic() < deadline:
+                time.sleep(0.05)
+            busy = [r.result() for r in replies if r.done()]
+            assert len(busy) == 45 - FETCH_WORKERS and web.held == FETCH_WORKERS
+            assert all(status == 503 and body["error"]["code"] == "fetch_busy" for status, _, body in busy)
+            status, _, body = srv.chat(messages=messages_of(root, record))
+            assert status == 200 and answer_of(body) == want
+            assert sum(r.done() for r in replies) == 45 - FETCH_WORKERS  # the 8 still wait for their URL
+            web.release.set()
+            fetched = [r.result() for r in replies if r.result()[0] != 503]
+        assert [(status, answer_of(body)) for status, _, body in fetched] == [(200, want)] * FETCH_WORKERS
+    finally:
+        web.close()
