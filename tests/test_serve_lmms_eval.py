@@ -4,8 +4,7 @@ client the way lmms-eval sends it, one by one and from 32 threads (its num_concu
 (ActivityNet-QA with pass_video_url=True, the server started with --media-root), each answered with generate.py's
 answer for the same media and text.
 
-POPE's tasks send `top_p: 0`, kept here as lmms-eval sends it: those replays are expected to fail while the server
-refuses `top_p: 0` (strict, so they turn into failures to be unmarked once it is accepted)."""
+POPE's tasks send `top_p: 0`, kept here as lmms-eval sends it (with temperature 0 it changes nothing)."""
 from __future__ import annotations
 
 import base64
@@ -24,8 +23,6 @@ from serve_helpers import Server
 
 REPLAY = json.loads((ROOT / "tests" / "fixtures" / "lmms_eval" / "requests_0.7.3.json").read_text())["requests"]
 KEY = "sk-lmms"  # lmms-eval's client needs OPENAI_API_KEY; the docs start the server with a key
-SENDS_TOP_P_0 = pytest.mark.xfail(strict=True, reason="lmms-eval's POPE tasks send top_p: 0, which this server "
-                                                      "refuses until top_p: 0 is accepted (ignored without sampling)")
 
 
 def png_base64(path: str) -> str:
@@ -82,7 +79,7 @@ def replies(client, requests: list[dict], threads: int = 1) -> list[str]:
         return list(pool.map(send, requests))
 
 
-@pytest.mark.parametrize("task", ["mme", "activitynetqa", pytest.param("pope_adv", marks=SENDS_TOP_P_0)])
+@pytest.mark.parametrize("task", ["mme", "activitynetqa", "pope_adv"])
 def test_lmms_eval_requests_get_generate_answers(task, client, generated):
     asked = [r for r in REPLAY if r["task"] == task]
     assert len(asked) >= 2
@@ -90,5 +87,5 @@ def test_lmms_eval_requests_get_generate_answers(task, client, generated):
 
 
 def test_lmms_eval_at_its_concurrency_gets_the_same_answers(client, generated):
-    asked = [r for r in REPLAY if "top_p" not in r["payload"] or r["payload"]["top_p"] != 0] * 4
+    asked = REPLAY * 4
     assert replies(client, asked, threads=32) == [generated[r["name"]] for r in asked]
