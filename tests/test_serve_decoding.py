@@ -129,8 +129,9 @@ def test_what_a_request_may_cost_is_bounded_and_bad_values_are_named(greedy):
         (dict(max_tokens=0), "'max_tokens' must be at least 1, got 0", "max_tokens"),
         (dict(top_p=1.5), "'top_p' must be from 0 to 1 (0: the top token), got 1.5", "top_p"),
         (dict(num_beams=0), "'num_beams' must be at least 1, got 0", "num_beams"),
-        (dict(temperature=-1), "'temperature' must be a number greater than 0 when sampling", "temperature"),
-        (dict(num_beams=2, length_penalty=1e308), "'length_penalty' must be between -220 and 220", "length_penalty"),
+        (dict(repetition_penalty=0), "'repetition_penalty' must be a number greater than 0, got 0", "repetition_penalty"),
+        (dict(max_tokens=8, min_length=10), "'min_length' must be between 0 and max_new_tokens + 1 = 9", "min_length"),
+        (dict(temperature=-1), "temperature: Input should be greater than or equal to 0", "temperature"),
     ]
     for fields, message, param in refused:
         start_s = time.monotonic()
