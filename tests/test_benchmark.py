@@ -70,9 +70,11 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     configs = {(r["config"], r["mode"]) for r in report["benchmark"]["results"]}
     assert {("fast", m) for m in ("paper", "beam5", "greedy")} <= configs
     assert {("fast-int8", "paper"), ("fast-int4", "greedy"), ("baseline", "paper")} <= configs
-    assert [r["quantize"] for r in report["load"]] == ["none"] and report["load"][0]["load_s"] > 0
+    assert [(r["quantize"], r["cache"]) for r in report["load"]] == [("none", "warm")]
+    assert report["load"][0]["files_cached_gb"] == report["load"][0]["files_gb"] > 0
     out = run.stdout
-    assert "| CPU | " in out and "| images | paper |" in out and "| int8 | images |" in out and "| cpu | none |" in out
+    assert "| CPU | " in out and "| images | paper |" in out and "| int8 | images |" in out
+    assert f"| cpu | none | warm | {report['load'][0]['load_s']} |" in out
     assert "load-int8      timeout" in out
 
 
