@@ -104,7 +104,8 @@ def quantized_rows(bench: dict, card: str, date: str) -> list[str]:
 
 
 def load_rows(loads: list[dict], card: str, date: str) -> list[str]:
-    return [f"| {card} | {date} | {r.get('device', '?')} | {r.get('quantize')} | {r.get('load_s', 'error')} | "
+    return [f"| {card} | {date} | {r.get('device', '?')} | {r.get('quantize')} | {r.get('cache', '?')} | "
+            f"{r.get('load_s', 'error')} | "
             f"{num(r.get('peak_rss_gb'))} | {num(r.get('peak_gpu_gb'))} |" for r in loads]
 
 
@@ -179,7 +180,8 @@ def main(argv=None) -> int:
     print("\nBENCHMARKS.md, Quantized weights (card | date | weights | set | paper s | decode ms/step | peak GiB | "
           "greedy = bf16):")
     print("\n".join(quantized_rows(bench, card, date)) or "(no quantized rows)")
-    print("\nBENCHMARKS.md, Loading (card | date | device | quantize | load s | peak host RSS GB | peak GPU GB):")
+    print("\nBENCHMARKS.md, Loading (card | date | device | quantize | page cache | load s | peak host RSS GB | "
+          "peak GPU GB):")
     print("\n".join(load_rows(loads, card, date)) or "(no load rows)")
     print()
     print("\n".join(agreement_lines(bench)))

@@ -7,6 +7,12 @@ tensor in host memory besides the model. A memory map of a whole file would inst
 process's resident memory until the last tensor taken from that file is released. The exception is a file whose
 tensors are used as they are (a converted folder in the run's dtype, on the CPU): those are mapped, and the model's
 tensors are the file's pages.
+
+Reading allocates as few host buffers as it can, and reuses them: glibc serves an allocation under its mmap
+threshold (which rises to 32 MiB once such a buffer is freed) from its heap, and the hole a freed buffer leaves
+there is not reused by the next aligned allocation of the same size, so a fresh buffer per chunk stayed resident,
+hole after hole, between the model's tensors (up to 0.86 GB besides a 3.3 GB model and the imports in
+benchmarks/load_benchmark.py).
 """
 from __future__ import annotations
 
@@ -200,18 +206,23 @@ def _read(path: str, offset: int, nbytes: int, out: torch.Tensor | None = None) 
 
 
 def _read_into(out: torch.Tensor, path: str, offset: int, dtype: torch.dtype) -> None:
-    """Read a contiguous tensor stored as `dtype` at `offset` into `out` (any device and dtype). On the CPU in the
-    stored dtype the bytes land in `out` directly; otherwise CHUNK bytes at a time are read and converted into it,
-    so reading a tensor never holds a second copy of it."""
+    """Read a contiguous tensor stored as `dtype` at `offset` into `out` (any device and dtype). On the CPU, when the
+    two dtypes are as wide (float16 to bfloat16), the bytes land in `out` and are converted there; otherwise CHUNK
+    bytes at a time pass through one buffer (not one per chunk: see the module's docstring). So reading a tensor
+    never holds a second copy of it."""
     flat = out.view(-1)
-    if out.device.type == "cpu" and out.dtype == dtype and out.is_contiguous():
+    if out.device.type == "cpu" and out.is_contiguous() and out.dtype.itemsize == dtype.itemsize:
         _read(path, offset, flat.numel() * dtype.itemsize, flat.view(torch.uint8))
+        if out.dtype != dtype:
+            flat.copy_(flat.view(dtype))  # in place: every value is read before its own bytes are written
         return
     item = dtype.itemsize
     step = max(1, CHUNK // item)
+    buffer = torch.empty(min(step, flat.numel()) * item, dtype=torch.uint8)
     for start in range(0, flat.numel(), step):
         count = min(step, flat.numel() - start)
-        flat[start:start + count].copy_(_read(path, offset + start * item, count * item).view(dtype))
+        flat[start:start + count].copy_(_read(path, offset + start * item, count * item,
+                                              buffer[:count * item]).view(dtype))
 
 
 # ---- writing

@@ -1,5 +1,7 @@
 """Stand-ins for CUDA objects, so that the CUDA path's mechanisms (capture, its failures, replay, draws, devices) run
-in the CPU tests: the real code calls the same methods, only what a method does differs."""
+in the CPU tests: the real code calls the same methods, only what a method does differs. A replay can be checked
+against eager decoding (EagerSteps): the step it runs is the decoder's own, so comparing answers with the same
+decoder run step by step would not see a mistake in the step itself."""
 from __future__ import annotations
 
 import contextlib
@@ -55,7 +57,10 @@ class FakeGraph:
 
     def replay(self) -> None:
         self.cuda.replays += 1
-        self.fn()
+        if self.cuda.check is not None:
+            self.cuda.check(self.fn)
+        else:
+            self.fn()
 
 
 class FakeCuda:
@@ -72,6 +77,7 @@ class FakeCuda:
         self.replays = 0
         self.resets = 0
         self.abandoned = 0
+        self.check = None  # check(run): runs a replayed step and checks what it did (EagerSteps)
 
     def stream(self) -> FakeStream:
         return FakeStream("side")
@@ -112,3 +118,43 @@ class FakeCuda:
 
     def abandon(self, graph, pool) -> None:
         self.abandoned += 1
+
+
+class EagerSteps:
+    """Checks every replayed decoding step of `decoder` against transformers' forward of its LLM: the logits the
+    step left for each beam are those of the prompt followed by that beam's tokens so far, computed from scratch
+    (no cache, no slots; the attention mask and the positions of the original's generate), so a step that writes a
+    key or value to the wrong slot, or attends the wrong slots, fails at the replay. Install as `FakeCuda.check`."""
+
+    def __init__(self, decoder, rtol: float = 1e-4, atol: float = 1e-4):
+        self.decoder, self.rtol, self.atol = decoder, rtol, atol
+        self.prompt = None
+        self.checked = 0
+        prefill = decoder._prefill
+
+        def remember_prompt(ws, embeds, mask):  # the padded batch the cache is filled from
+            self.prompt = embeds, mask
+            prefill(ws, embeds, mask)
+
+        decoder._prefill = remember_prompt
+
+    def __call__(self, run) -> None:
+        ws = self.decoder.workspace
+        before = int(ws.step)
+        run()
+        step = int(ws.step)
+        if step == before:  # the final token choice: no forward
+            return
+        embeds, mask = self.prompt
+        llm = self.decoder.llm
+        b, k = ws.seqs.shape[:2]
+        tokens = ws.seqs[:, :, :step]  # each beam's tokens, the one just fed last
+        inputs = torch.cat([embeds[:, None].expand(b, k, *embeds.shape[1:]), llm.get_input_embeddings()(tokens)], 2)
+        attended = torch.cat([mask[:, None].expand(b, k, -1), torch.ones_like(tokens, dtype=mask.dtype)], -1)
+        attended = attended.flatten(0, 1)
+        positions = (attended.long().cumsum(-1) - 1).clamp(min=0)
+        with torch.no_grad():
+            out = llm(inputs_embeds=inputs.flatten(0, 1), attention_mask=attended, position_ids=positions)
+        torch.testing.assert_close(ws.logits, out.logits[:, -1].float().view(b, k, -1), rtol=self.rtol,
+                                   atol=self.atol, msg=lambda m: f"replayed step {step} is not eager decoding: {m}")
+        self.checked += 1

@@ -3,48 +3,80 @@ import json
 import subprocess
 import sys
 
+import pytest
+import torch
+from safetensors.torch import load_file
+
 from conftest import ROOT
 
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import workload  # noqa: E402
 
-def test_tiny_benchmark_prints_the_table_and_writes_json(tmp_path):
-    out = tmp_path / "results.json"
+
+def test_tiny_benchmark_reports_what_it_ran(tmp_path):
+    """The rows are the configurations, sets and modes asked for, each with the records it timed (3 records in
+    batches of 2: the split pass times the first batch and scales its parts by 2; a limit of 2 records is one batch,
+    its time scaled to the set and marked estimated), 4 decoding steps per batch (5 new tokens, the first from the
+    prefill), the table printing the JSON's figures and the speed-up over the baseline's row, the saved weights'
+    file, and answers equal where both sides are float32 (every answer forced to 5 tokens)."""
+    out, weights = tmp_path / "results.json", tmp_path / "weights"
     cmd = [sys.executable, str(ROOT / "benchmarks" / "benchmark.py"), "--tiny", "--device", "cpu", "--limit", "3",
            "--batch-size", "2", "--max-new-tokens", "5", "--modes", "paper", "greedy", "--fidelity-limit", "2",
            "--split-limit", "2", "--quantize", "int8", "int4", "--quantized-modes", "greedy", "--quantized-sets",
-           "images", "--save-weights", str(tmp_path / "weights"), "--out", str(out)]
+           "images", "--save-weights", str(weights), "--out", str(out)]
     run = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-3000:]
+    report = json.loads(out.read_text())
+    assert report["environment"]["card"] == "CPU" and "failures" not in report
+    rows = report["results"]
+    assert [(r["config"], r["set"], r["mode"]) for r in rows] == [
+        ("baseline", "images", "paper"), ("baseline", "videos", "paper"),  # the baseline's own mode
+        ("baseline", "images", "greedy"), ("baseline", "videos", "greedy"),  # its float32 answers, 2 records
+        ("fast", "images", "paper"), ("fast", "videos", "paper"), ("fast", "images", "greedy"),
+        ("fast", "videos", "greedy"), ("fast-int8", "images", "greedy"), ("fast-int4", "images", "greedy")]
+    for r in rows:
+        timed = r["split_records"] if r["config"] == "baseline" else r["measured_records"]  # the baseline: split
+        assert r["records"] == 3 and r["split_records"] == 2 and r["estimated"] == (timed < 3)
+        assert r["measured_records"] == (2 if r["mode"] == "greedy" and r["config"] != "fast" else 3)  # fidelity
+        assert set(r["parts"]) == {"vit", "resampler", "prefill", "decode"} and min(r["parts"].values()) >= 0
+        assert r["decode_ms_per_step"] == pytest.approx(1000 * r["parts"]["decode"] / 2 / 4)
+        assert r["warmup_s"] > 0 and r["graph_replays"] is None and r["peak_gib"] is None  # no CUDA here
+        if r["config"] == "baseline":  # its time is its split pass: the parts and the host's work between them
+            assert sum(r["parts"].values()) <= r["seconds"]
+
     lines = run.stdout.splitlines()
     head = next(i for i, line in enumerate(lines) if line.startswith("config "))
     for word in ("model s", "media s", "ViT s", "resamp s", "prefill s", "decode s", "ms/step", "peak GiB",
                  "speed-up"):
         assert word in lines[head]
-    table = [line.split() for line in lines[head + 2:head + 8]]
-    assert [(r[0], r[1], r[2]) for r in table] == [
-        ("baseline", "images", "paper"), ("baseline", "videos", "paper"), ("baseline", "images", "greedy"),
-        ("baseline", "videos", "greedy"), ("fast", "images", "paper"), ("fast", "videos", "paper")]
-    assert "answers equal" in run.stdout
-    assert "greedy, fast-int8 vs fast (float32), images:" in run.stdout
+    baseline = {(r["set"], r["mode"]): r["seconds"] for r in rows if r["config"] == "baseline"}
+    for line, r in zip(lines[head + 2:], rows, strict=False):
+        cells = line.split()
+        seconds = ("~" if r["estimated"] else "") + f"{r['seconds']:.2f}"
+        media = f"{report['media_decode_s'][r['set']]:.2f}"
+        assert cells[:6] == [r["config"], r["set"], r["mode"], "3", seconds, media]
+        assert cells[10:12] == [f"{r['decode_ms_per_step']:.1f}", "n/a"]
+        speed_up = [] if r["config"] == "baseline" else [f"{baseline[r['set'], r['mode']] / r['seconds']:.1f}x"]
+        assert cells[13:] == speed_up
+    assert lines[head + 2 + len(rows)].startswith("greedy, ")  # no row more: the answers' agreement follows
 
-    report = json.loads(out.read_text())
-    assert report["environment"]["card"] == "CPU"
-    rows = report["results"]
-    assert {(r["config"], r["set"], r["mode"]) for r in rows} >= {("fast", "images", "greedy"),
-                                                                 ("fast", "videos", "greedy")}
-    fast_images = next(r for r in rows if r["config"] == "fast" and r["set"] == "images" and r["mode"] == "paper")
-    assert fast_images["records"] == 3 and set(fast_images["parts"]) == {"vit", "resampler", "prefill", "decode"}
-    assert fast_images["split_records"] == 2 and not fast_images["estimated"]  # the set pass ran every record
-    assert fast_images["graph_replays"] is None and fast_images["peak_gib"] is None  # no CUDA here
+    # float32 on both sides on the CPU: the fast path's greedy answers are the original's, all 5 tokens long
+    assert report["fidelity"] == {s: dict(records=2, equal=2, first_token_equal=2, mean_common_prefix=5.0)
+                                  for s in ("images", "videos")}
     for mode in ("int8", "int4"):  # the quantized fast path: its greedy answers, compared with the fast path's
-        assert {(r["set"], r["mode"]) for r in rows if r["config"] == f"fast-{mode}"} == {("images", "greedy")}
         assert report["agreement"][f"fast-{mode} / fast greedy"]["images"]["records"] == 2
         assert "linear layers" in report["quantized"][mode]
-    assert "failures" not in report
-    baseline_greedy = next(r for r in rows if r["config"] == "baseline" and r["mode"] == "greedy")
-    assert baseline_greedy["measured_records"] == 2 and baseline_greedy["estimated"]
-    # float32 on both sides on the CPU: the fast path's greedy answers are the original's
-    assert all(f["equal"] == f["records"] == 2 for f in report["fidelity"].values())
-    assert report["weights"]["load_s"] >= 0 and (tmp_path / "weights" / "lynx_random_bf16.safetensors").exists()
+    assert "greedy, fast (float32) vs original (float32), images: 2/2 answers equal" in run.stdout
+
+    saved = report["weights"]  # written by this run (so timed), then loaded: the random model, in bfloat16
+    path = weights / "lynx_random_bf16.safetensors"
+    assert saved["path"] == str(path) and saved["bytes"] == path.stat().st_size
+    assert saved["save_s"] > 0 and saved["load_s"] > 0
+    assert f"weights: {saved['bytes'] / 2**30:.1f} GiB loaded in {saved['load_s']:.1f} s from {path}" in run.stdout
+    model = workload.build_random_lynx(workload.lynx_config(True, 2, 5), True, "cpu", 0)
+    state = load_file(str(path))
+    assert state.keys() == model.state_dict().keys()
+    assert all(v.dtype == torch.bfloat16 and v.shape == model.state_dict()[k].shape for k, v in state.items())
 
 
 def test_gpu_check_dry_run_on_the_cpu(tmp_path):
@@ -70,9 +102,11 @@ def test_gpu_check_dry_run_on_the_cpu(tmp_path):
     configs = {(r["config"], r["mode"]) for r in report["benchmark"]["results"]}
     assert {("fast", m) for m in ("paper", "beam5", "greedy")} <= configs
     assert {("fast-int8", "paper"), ("fast-int4", "greedy"), ("baseline", "paper")} <= configs
-    assert [r["quantize"] for r in report["load"]] == ["none"] and report["load"][0]["load_s"] > 0
+    assert [(r["quantize"], r["cache"]) for r in report["load"]] == [("none", "warm")]
+    assert report["load"][0]["files_cached_gb"] == report["load"][0]["files_gb"] > 0
     out = run.stdout
-    assert "| CPU | " in out and "| images | paper |" in out and "| int8 | images |" in out and "| cpu | none |" in out
+    assert "| CPU | " in out and "| images | paper |" in out and "| int8 | images |" in out
+    assert f"| cpu | none | warm | {report['load'][0]['load_s']} |" in out
     assert "load-int8      timeout" in out
 
 
@@ -80,7 +114,6 @@ def test_gpu_report_of_a_check_stopped_early(tmp_path):
     """What a GPU run that ran out of time leaves: pytest's log without its summary, the benchmark's JSON without
     the quantized configurations. The report says which tests passed or failed and which targets were met, missed
     or not measured, and prints the rows it has."""
-    sys.path.insert(0, str(ROOT / "benchmarks"))
     import gpu_report
 
     (tmp_path / "pytest-gpu.log").write_text(

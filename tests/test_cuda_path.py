@@ -1,6 +1,8 @@
 """The CUDA path's mechanisms, on the CPU: graph capture and what happens when it fails (a compile failure, running
 out of memory, a capture invalidated at its end), sampling draws inside graphs, and every CUDA call naming the
-model's device. CUDA objects are stand-ins (tests/cuda_fakes.py); torch.compile uses its "eager" backend. The same
+model's device. CUDA objects are stand-ins (tests/cuda_fakes.py); torch.compile uses its "eager" backend. Every
+replayed step is checked against transformers' forward from scratch (cuda_fakes.EagerSteps): the answers of the
+same decoder run step by step share the step's code, so they would not see a slot or mask mistake in it. The same
 things on a real GPU: tests/test_gpu.py."""
 import contextlib
 import logging
@@ -11,7 +13,7 @@ import torch
 from transformers import LlamaConfig
 
 from conftest import build_tiny_lynx, image_batcher
-from cuda_fakes import FakeCuda, FakeStream
+from cuda_fakes import EagerSteps, FakeCuda, FakeStream
 from configs.decoding import DecodingSettings
 from decoding import FastDecoder
 from decoding.cuda import CudaCalls
@@ -48,7 +50,10 @@ def fresh_dynamo():
 
 
 def graph_decoder(tiny, fake, **kw) -> FastDecoder:
-    return FastDecoder(tiny.model.LLM, tiny.tok, cuda=fake, prompt_len=72, prefix_len=32, **kw)
+    """A decoder whose every replayed step is checked against eager decoding from scratch (cuda_fakes.EagerSteps)."""
+    decoder = FastDecoder(tiny.model.LLM, tiny.tok, cuda=fake, prompt_len=72, prefix_len=32, **kw)
+    fake.check = EagerSteps(decoder)
+    return decoder
 
 
 def eager_answers(tiny, positions, settings, **kw):
@@ -116,6 +121,7 @@ def test_graphs_stay_on_for_shapes_past_the_compile_limit(tiny, fresh_dynamo, mo
             assert torch.equal(answers, eager_answers(tiny, list(range(rows)), settings)), (rows, beams)
             assert fake.replays - replays == settings.max_new_tokens, (rows, beams)  # every step a replay
     assert decoder.cuda_graphs and len(decoder.run.uncompiled_shapes) >= 5
+    assert fake.check.checked == 10 * (settings.max_new_tokens - 1)  # every step's logits: eager decoding's
 
 
 # ---- running out of memory
@@ -274,6 +280,7 @@ def test_replayed_steps_draw_what_steps_draw(tiny, beams):
         assert torch.equal(with_default, eager.generate(embeds, mask, settings))
         assert torch.equal(torch.get_rng_state(), state)
     assert fake.replays == 4 * settings.max_new_tokens
+    assert fake.check.checked == 4 * (settings.max_new_tokens - 1)  # every step's logits: eager decoding's
     assert all(g.generators == [graphs.graph_rng] for g in fake.graphs)
 
 

@@ -53,15 +53,36 @@ def test_files_load_as_whole_file_loading_does(release):
     assert_same_tensors(model, load_whole_files(cfg, torch.bfloat16))
 
 
-def test_load_benchmark_measures_both_ways(release, tmp_path, capsys):
-    out, _ = release
-    result = tmp_path / "load.json"
-    assert load_benchmark.main(["--config", str(out / "lynx.yaml"), "--converted", str(tmp_path / "converted"),
+def test_load_benchmark_measures_both_ways_cold_and_warm(release, tmp_path, capsys):
+    """Every (source, page cache) asked for, in order, with figures that fit what was loaded: the files' sizes, the
+    share of them in the page cache, the model's size (its tensors are anonymous memory when read from the release
+    files, file-backed when mapped from the converted folder), and peaks that contain what they count."""
+    out, sizes = release
+    result, converted = tmp_path / "load.json", tmp_path / "converted"
+    assert load_benchmark.main(["--config", str(out / "lynx.yaml"), "--converted", str(converted),
                                 "--out", str(result)]) == 0
     report = json.loads(result.read_text())
-    release_run, converted_run = report["runs"]
-    assert release_run["source"] == "release" and converted_run["source"].endswith("converted")
-    for run in report["runs"]:
-        assert run["load_s"] > 0 and run["peak_rss_gb"] > run["model_gb"] > 0.03
     assert report["convert_s"] > 0
-    assert "| release | cpu | bfloat16 | none |" in capsys.readouterr().out
+    runs = report["runs"]
+    assert [(run["source"], run["cache"]) for run in runs] == [
+        ("release", "cold"), ("release", "warm"), (str(converted), "cold"), (str(converted), "warm")]
+    model, _ = build_lynx(load_config(str(out / "lynx.yaml"), ["dtype=bfloat16"]), "cpu")
+    model_gb = round(sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()]) / 1e9, 3)
+    files_gb = {"release": round(sum(sizes.values()) / 1e9, 3),
+                str(converted): round((converted / "model.safetensors").stat().st_size / 1e9, 3)}
+    printed = capsys.readouterr().out
+    for run in runs:
+        assert run["files_gb"] == files_gb[run["source"]] and run["model_gb"] == model_gb
+        if run["cache"] == "warm":
+            assert run["files_cached_gb"] == run["files_gb"]
+        else:  # dropped, or the run says it could not be (a tmpfs keeps its pages)
+            assert run["files_cached_gb"] == 0 or "could not drop" in run["cache_note"]
+        assert 0 < run["load_s"] and run["peak_rss_gb"] >= max(run["peak_anon_gb"], run["peak_file_gb"])
+        assert run["peak_anon_minus_model_gb"] == pytest.approx(run["peak_anon_gb"] - model_gb, abs=0.002)
+        grown = run["peak_anon_gb"] - run["anon_before_load_gb"]
+        if run["source"] == "release":
+            assert grown >= 0.9 * model_gb
+        else:  # mapped: the model is the file's pages, read by the touch pass
+            assert grown < 0.5 * model_gb and run["peak_file_gb"] >= model_gb
+        cached = f"{run['files_cached_gb']:.2f} of {run['files_gb']:.2f}"
+        assert f"| {run['source']} | cpu | bfloat16 | none | {run['cache']} | {cached} | {run['load_s']} |" in printed
