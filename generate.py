@@ -16,7 +16,7 @@ import sys
 # Only torch-free modules here: the arguments, the config, the test files, the output and the weight files are
 # checked before torch is imported (about 10 s), so a mistake is reported in a moment.
 from configs.schema import load_config
-from dataset.records import read_test_files
+from dataset.records import check_media_key, read_test_files
 from errors import InputError
 from lynx.processes import Processes
 from lynx.resumable import ResumableRun, run_fingerprint
@@ -60,10 +60,12 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def read_records(cfg):
-    """The records of the config's test files; none at all is an error, before anything loads."""
+    """The records of the config's test files; none at all, or a file with none of the media the config reads, is an
+    error, before anything loads."""
     records = read_test_files(cfg.test_files)
     if not records:
         raise InputError(f"no records to answer: {', '.join(cfg.test_files)} (empty, or blank lines only)")
+    check_media_key(records, cfg.vision_prompt_dict)
     return records
 
 

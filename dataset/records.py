@@ -125,3 +125,24 @@ def read_test_files(paths: list[str]) -> list[Record]:
     for file_no, path in enumerate(paths):
         records.extend(read_jsonl(path, file_no))
     return records
+
+
+def check_media_key(records: list[Record], vision_key: str) -> None:
+    """Refuse, before anything loads, a test file none of whose records holds the configured media key: test_files
+    pointed at videos with `vision_prompt_dict: image` left as it was would load the model only to fail every
+    record. A file where some records hold it goes on: the others fail one by one, named."""
+    if vision_key == "auto":
+        return
+    files: dict[int, list[Record]] = {}
+    for record in records:
+        files.setdefault(record.file_no, []).append(record)
+    for rows in files.values():
+        if any(vision_key in record.fields for record in rows):
+            continue
+        held = [kind for kind in MEDIA_KINDS if any(kind in record.fields for record in rows)]
+        problem = (f"{rows[0].path}: vision_prompt_dict is '{vision_key}', but none of its records has the field "
+                   f"'{vision_key}'")
+        if not held:
+            raise InputError(f"{problem} (nor 'image' or 'video')")
+        raise InputError(f"{problem}; they have '{held[0]}': set vision_prompt_dict: {held[0]} (or auto, which reads "
+                         f"each record's own)")

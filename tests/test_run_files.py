@@ -261,18 +261,44 @@ def early_failures(tmp_path) -> dict:
         "output-folder": (1, shipped(), ("--output_path", str(tmp_path))),
         "output-exists": (1, shipped(), ("--output_path", str(tmp_path / "exists.jsonl"))),
         "weights-missing": (1, shipped(checkpoint="./data/nope.pt"), out),
+        "videos-read-as-images": (1, shipped(test_files=["./data/Open_VQA_videos_tiny.jsonl"]), out),
     }
 
 
 @pytest.mark.parametrize("case", ["help", "usage", "config-missing", "config-key", "config-value",
                                   "test-file-missing", "test-file-empty", "output-is-test-file", "output-folder",
-                                  "output-exists", "weights-missing"])
+                                  "output-exists", "weights-missing", "videos-read-as-images"])
 def test_checks_before_any_loading_answer_without_torch(tmp_path, case):
     status, cfg, argv = early_failures(tmp_path)[case]
     proc = probe(tmp_path, cfg, *argv)
     assert proc.returncode == status, proc.stderr
     assert proc.stderr.splitlines()[-1] == "torch not imported"
     assert "Traceback" not in proc.stderr
+
+
+def test_videos_read_as_images_are_refused_with_the_key_to_change_then_the_fixed_config_runs(tmp_path, in_fixture,
+                                                                                             capsys):
+    """The usual edit half done: test_files pointed at the videos, vision_prompt_dict left at 'image'. Refused before
+    anything loads (the probe above: without torch), naming the key and what fits; then the same command runs."""
+    videos = "./data/Open_VQA_videos_tiny.jsonl"
+    assert run_main(fixture_config(test_files=[videos]), tmp_path) == 1
+    assert one_line_error(capsys) == (f"error: {videos}: vision_prompt_dict is 'image', but none of its records has "
+                                      f"the field 'image'; they have 'video': set vision_prompt_dict: video (or auto, "
+                                      f"which reads each record's own)")
+    assert not (tmp_path / "answers.jsonl").exists()
+    for fixed in ("video", "auto"):
+        assert run_main(fixture_config(test_files=[videos], vision_prompt_dict=fixed), tmp_path, "--overwrite") == 0
+        assert read_jsonl(tmp_path / "answers.jsonl") == read_jsonl(FIXTURE / "expected" / "videos_greedy.jsonl")
+
+
+def test_a_file_with_some_records_of_the_key_goes_on(tmp_path, in_fixture):
+    """Only a file with no record of the configured key is refused: one record without it fails on its own."""
+    lines = IMAGES_JSONL.read_text().splitlines()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(lines[:2] + [json.dumps({"index": 900, "video": "videos/clip_a.mp4",
+                                                        "question": "q"})]) + "\n")
+    assert run_main(fixture_config(test_files=[str(mixed)]), tmp_path) == generate.EXIT_FAILED_RECORDS
+    assert [row["index"] for row in read_jsonl(tmp_path / "answers.jsonl.errors.jsonl")] == [900]
 
 
 def test_the_probe_sees_torch_once_the_run_gets_that_far(tmp_path):
