@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 # Only torch-free modules here: the arguments, the config, the test files, the output and the weight files are
@@ -110,11 +109,11 @@ def main(argv=None) -> int:
         print(f"error: {processes.prefix}{err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        if os.path.exists(run.partial_path):
+        if run.kept():
             print(f"interrupted: finished answers are kept in {run.partial_path}; run the same command again to "
                   f"resume", file=sys.stderr)
         else:
-            print("interrupted before any answer", file=sys.stderr)
+            print("interrupted before any answer was written; the same command starts again", file=sys.stderr)
         return 130
     if not processes.is_main:
         return 0  # rank 0 reports the run

@@ -219,8 +219,10 @@ class ResumableRun:
         mine = None
         for path in partials:
             side = read_side_file(path)
-            if side.fingerprint is None and not side.answers:
-                continue  # a start that failed (nothing to keep), or another process creating its file now
+            if not side.answers:  # a start that failed or a run that answered nothing (nothing to keep: replaced),
+                if path not in ours and path != self.partial_path:  # or another process creating its file now
+                    _remove([path])
+                continue
             if side.fingerprint != fingerprint:
                 raise other_settings_error(path)
             for key, text in side.answers.items():
@@ -288,6 +290,14 @@ class ResumableRun:
         self.processes.leave()
         return missing
 
+    def kept(self) -> int:
+        """How many answers this process's side file holds: what a stopped run leaves to resume (0: none, or none
+        yet)."""
+        try:
+            return len(read_side_file(self.partial_path).answers) if os.path.exists(self.partial_path) else 0
+        except InputError:
+            return 0
+
     @contextmanager
     def _writing(self, path: str):
         """Turn a refused write into one line that says what is kept."""
@@ -295,5 +305,5 @@ class ResumableRun:
             yield
         except OSError as err:
             kept = (f"; finished answers are kept in {self.partial_path}: run the same command again to resume"
-                    if os.path.exists(self.partial_path) else "")
+                    if self.kept() else "")
             raise CannotWrite(f"cannot write {path}: {err.strerror or err}{kept}") from None

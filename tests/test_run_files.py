@@ -138,6 +138,18 @@ def test_a_refused_answer_write_is_one_line_and_keeps_the_answers(tmp_path, in_f
     assert files_in(tmp_path) == ["answers.jsonl", "config.yaml"]
 
 
+def test_a_refused_first_answer_promises_no_answers(tmp_path, in_fixture, monkeypatch, capsys):
+    """The disk fills on the first answer (half its line written): the side file holds no answer, so the line says
+    nothing is kept, and the same command runs once there is space."""
+    partial = tmp_path / "answers.jsonl.partial.jsonl"
+    with monkeypatch.context() as mp:
+        disk_fills(mp, ".partial.jsonl")
+        assert run_main(fixture_config(batch_size_test=1), tmp_path) == 1
+    assert one_line_error(capsys) == f"error: cannot write {partial}: No space left on device"
+    assert run_main(fixture_config(batch_size_test=1), tmp_path) == 0
+    assert (tmp_path / "answers.jsonl").read_bytes() == EXPECTED.read_bytes()
+
+
 def test_a_refused_final_write_keeps_the_side_file(tmp_path, in_fixture, monkeypatch, capsys):
     output = tmp_path / "answers.jsonl"
     with monkeypatch.context() as mp:
