@@ -1,6 +1,7 @@
 """Answer every record of the config's test files with Lynx and write `{"index", "text_output"}` lines.
 
     python generate.py --config configs/LYNX.yaml --output_path ./result_0.jsonl --device cuda --seed 42
+    python generate.py --config configs/LYNX.yaml --image images/cat.jpg --question "What is in it?"   one answer
     torchrun --nproc_per_node 8 generate.py ...     one process per GPU; rank 0 writes the file (lynx/processes.py)
 
 Exit status: 0 all answered; 1 the run could not start or go on; 2 some records could not be answered (listed in
@@ -17,6 +18,7 @@ import sys
 from configs.schema import load_config
 from dataset.records import check_media_key, read_test_files
 from errors import InputError
+from lynx.ask import add_question_flags, answer_question, check_question_flags
 from lynx.processes import Processes
 from lynx.resumable import ResumableRun, run_fingerprint
 from models.weight_files import check_weight_files
@@ -55,7 +57,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output, or a partial run made with other settings")
     parser.add_argument("--strict", action="store_true", help="stop at the first record that cannot be answered")
-    return parser.parse_args(argv)
+    add_question_flags(parser)
+    args = parser.parse_args(argv)
+    check_question_flags(parser, args)
+    return args
 
 
 def read_records(cfg):
@@ -101,6 +106,9 @@ def main(argv=None) -> int:
     run = ResumableRun(args.output_path, processes)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.question is not None:  # one question: its answer printed, no file written
+            print(answer_question(cfg, args))
+            return 0
         records = read_records(cfg)
         run.check_output(cfg.test_files, args.overwrite)
         check_weight_files(cfg, args.config, args.overrides)

@@ -274,12 +274,17 @@ def early_failures(tmp_path) -> dict:
         "output-exists": (1, shipped(), ("--output_path", str(tmp_path / "exists.jsonl"))),
         "weights-missing": (1, shipped(checkpoint="./data/nope.pt"), out),
         "videos-read-as-images": (1, shipped(test_files=["./data/Open_VQA_videos_tiny.jsonl"]), out),
+        "question-without-media": (64, None, ("--question", "What is it?")),
+        "question-media-missing": (1, shipped(), ("--video", "videos/nope.mp4", "--question", "What is it?")),
+        "question-prompt-fields": (1, shipped(prompt="{question} {answer}"),
+                                   ("--image", "images/img_a.jpg", "--question", "What is it?")),
     }
 
 
 @pytest.mark.parametrize("case", ["help", "usage", "config-missing", "config-key", "config-value",
                                   "test-file-missing", "test-file-empty", "output-is-test-file", "output-folder",
-                                  "output-exists", "weights-missing", "videos-read-as-images"])
+                                  "output-exists", "weights-missing", "videos-read-as-images",
+                                  "question-without-media", "question-media-missing", "question-prompt-fields"])
 def test_checks_before_any_loading_answer_without_torch(tmp_path, case):
     status, cfg, argv = early_failures(tmp_path)[case]
     proc = probe(tmp_path, cfg, *argv)
