@@ -40,14 +40,3 @@ def _formats(probe, spec: str) -> bool:
     except (ValueError, TypeError):
         return False
     return True
-
-
-def template_fields(template: str) -> set[str]:
-    """The record fields a valid template reads: `{question}`, `{a.b}` and `{a[0]}` read 'question' and 'a'."""
-    fields = set()
-    for _, name, spec, _ in string.Formatter().parse(template):
-        if name is not None:
-            fields.add(re.split(r"[.\[]", name)[0])
-        if spec and "{" in spec:
-            fields |= template_fields(spec)
-    return fields

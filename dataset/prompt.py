@@ -7,10 +7,12 @@ Quirks reproduced on purpose (they change answers):
 from __future__ import annotations
 
 import json
-
-import torch
+from typing import TYPE_CHECKING
 
 from errors import RecordError
+
+if TYPE_CHECKING:
+    import torch
 
 
 def format_prompt(template: str, record: dict, lower_text: bool, index=None) -> str:
@@ -50,7 +52,10 @@ def _json_kind(value) -> str:
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad id rows to the longest; returns (input_ids, attention_mask) with 0 on pads."""
+    """Pad id rows to the longest; returns (input_ids, attention_mask) with 0 on pads. (torch is imported here: the
+    prompt itself is checked before torch loads, by generate.py's one question and serve.py.)"""
+    import torch
+
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -14,8 +14,8 @@ import dataclasses
 import os
 import random
 
-from configs.template import template_fields
 from dataset.images import open_image
+from dataset.prompt import format_prompt
 from dataset.records import Record
 from dataset.video import load_video_frames
 from errors import InputError, RecordError
@@ -47,10 +47,10 @@ def question_record(cfg, args: argparse.Namespace) -> tuple:
     imported, a prompt that needs fields other than {question}, missing weight files and media that cannot be read."""
     kind = "image" if args.image is not None else "video"
     media = getattr(args, kind)
-    others = sorted(template_fields(cfg.prompt) - {"question"})
-    if others:
-        raise InputError(f"{args.config}: 'prompt' needs the field {others[0]!r}, which --question cannot give "
-                         f"(it fills only {{question}})")
+    try:
+        format_prompt(cfg.prompt, {"question": args.question}, cfg.lower_text)
+    except RecordError as err:
+        raise InputError(f"{args.config}: {err.reason}; --question fills only {{question}}") from None
     check_weight_files(cfg)
     try:
         if kind == "image":

@@ -82,5 +82,5 @@ def test_a_prompt_needing_more_than_the_question_is_refused(tmp_path, in_fixture
     (tmp_path / "c.yaml").write_text(yaml.safe_dump(fixture_config(prompt="{question} ({class})")))
     assert generate.main(["--config", str(tmp_path / "c.yaml"), "--image", "images/img_a.jpg", "--question",
                           "q"]) == 1
-    assert one_line_error(capsys) == (f"error: {tmp_path / 'c.yaml'}: 'prompt' needs the field 'class', which "
-                                      f"--question cannot give (it fills only {{question}})")
+    assert one_line_error(capsys) == (f"error: {tmp_path / 'c.yaml'}: the prompt needs field 'class' which the "
+                                      f"record lacks; --question fills only {{question}}")
