@@ -24,7 +24,7 @@ import lynx.resumable
 from configs.schema import config_from_dict
 from lynx.pipeline import LynxPipeline
 from lynx.resumable import run_fingerprint
-from tests.conftest import FIXTURE, ROOT, fixture_config, one_line_error, read_jsonl, run_main
+from tests.conftest import FIXTURE, ROOT, fixture_config, one_line_error, probe_torch, read_jsonl, run_main
 
 IMAGES_JSONL = FIXTURE / "data" / "Open_VQA_images_tiny.jsonl"
 EXPECTED = FIXTURE / "expected" / "images_greedy.jsonl"  # the bytes a run of the fixture config writes
@@ -235,26 +235,12 @@ def test_the_exit_statuses_are_distinct():
 
 # ---------------------------------------------------------------- before torch is imported
 
-PROBE = """
-import os, runpy, sys
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python generate.py` does
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as stop:
-    status = stop.code
-print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
-sys.exit(status)
-"""
-
-
 def probe(tmp_path, cfg: dict | None, *argv: str) -> subprocess.CompletedProcess:
     """generate.py in a fresh interpreter that says at exit whether torch was imported."""
     if cfg is not None:
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         argv = ("--config", str(tmp_path / "config.yaml"), *argv)
-    return subprocess.run([sys.executable, "-c", PROBE, str(ROOT / "generate.py"), *argv], cwd=FIXTURE,
-                          capture_output=True, text=True, timeout=120)
+    return probe_torch(ROOT / "generate.py", *argv)
 
 
 def early_failures(tmp_path) -> dict:
