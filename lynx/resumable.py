@@ -26,6 +26,7 @@ from typing import NamedTuple
 from dataset.records import Record
 from errors import InputError, RecordError
 from lynx.processes import Processes
+from models.weight_files import run_dtype
 
 
 class CannotWrite(InputError):
@@ -65,7 +66,7 @@ def run_fingerprint(cfg, device: str, seed: int) -> str:
     settings = cfg.to_dict()
     settings["data"].pop("num_workers")
     weight_paths = (cfg.converted,) if cfg.converted is not None else (cfg.vit_checkpoint, cfg.llm_dir, cfg.checkpoint)
-    settings.update(resolved_dtype=cfg.resolve_dtype(device), seed=seed,
+    settings.update(resolved_dtype=run_dtype(cfg, device), seed=seed,
                     weights=[file_stamp(p) for p in weight_paths])
     return hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode()).hexdigest()[:16]
 

@@ -16,7 +16,7 @@ from models.loading import materialise, release_plan
 from models.lynx import Lynx, LynxLlamaForCausalLM, vit_chunk_for
 from models.quantize import Quantizer
 from models.tokenizer import LynxTokenizer
-from models.weight_files import check_weight_files, llm_folder
+from models.weight_files import check_weight_files, llm_folder, run_dtype
 
 log = logging.getLogger("lynx")
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
@@ -49,7 +49,7 @@ def model_skeleton(cfg: LynxConfig, llm_config, device: str = "cpu") -> Lynx:
 def plan_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, dict, list, LynxTokenizer]:
     """Lynx on the meta device, the plan of its weights with every file checked against its shapes (nothing read
     yet: a bad file fails in seconds), the load reports and the tokenizer."""
-    dtype = TORCH_DTYPES[cfg.resolve_dtype(device)]
+    dtype = TORCH_DTYPES[run_dtype(cfg, device)]
     folder = llm_folder(cfg)
     tokenizer = LynxTokenizer(os.path.join(folder, "tokenizer.model"))
     llm_config = read_llm_config(folder)
@@ -67,9 +67,11 @@ def build_lynx(cfg: LynxConfig, device: str = "cpu") -> tuple[Lynx, LynxTokenize
     """The model in eval mode on `device` in the config's dtype (linear layers quantized if the config says so),
     and its tokenizer. Prints a load report."""
     check_weight_files(cfg)
-    dtype = TORCH_DTYPES[cfg.resolve_dtype(device)]
+    dtype = TORCH_DTYPES[run_dtype(cfg, device)]
     model, plan, reports, tokenizer = plan_lynx(cfg, device)
     quantizer = Quantizer(model, cfg.quantize, device, dtype, vit=cfg.quantize_vit) if cfg.quantize else None
+    if cfg.dtype is None and cfg.converted is not None:
+        log.info("dtype %s: the converted folder's own (dtype is unset)", str(dtype).removeprefix("torch."))
     materialise(model, plan, device, dtype, quantizer)
     model.LLM.config.dtype = dtype
     folder = llm_folder(cfg)
