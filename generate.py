@@ -16,6 +16,7 @@ import sys
 # Only torch-free modules here: the arguments, the config, the test files, the output and the weight files are
 # checked before torch is imported (about 10 s), so a mistake is reported in a moment.
 from configs.schema import load_config
+from dataset.prompt import warn_cut_prompts
 from dataset.records import check_media_key, read_test_files
 from errors import InputError
 from lynx.ask import add_question_flags, answer_question, check_question_flags
@@ -112,6 +113,8 @@ def main(argv=None) -> int:
         records = read_records(cfg)
         run.check_output(cfg.test_files, args.overwrite)
         check_weight_files(cfg, args.config, args.overrides)
+        if processes.is_main:
+            warn_cut_prompts(records, cfg)
         unanswered = answer(args, cfg, records, run)
     except InputError as err:
         print(f"error: {processes.prefix}{err}", file=sys.stderr)

@@ -7,12 +7,16 @@ Quirks reproduced on purpose (they change answers):
 from __future__ import annotations
 
 import json
+import logging
+import os
 from typing import TYPE_CHECKING
 
 from errors import RecordError
 
 if TYPE_CHECKING:
     import torch
+
+log = logging.getLogger("lynx")
 
 
 def format_prompt(template: str, record: dict, lower_text: bool, index=None) -> str:
@@ -49,6 +53,34 @@ def _json_kind(value) -> str:
     if isinstance(value, dict):
         return "an object"
     return type(value).__name__
+
+
+def warn_cut_prompts(records: list, cfg) -> None:
+    """One warning, before the model loads, when prompts are longer than `max_input_tokens`: the original keeps only
+    their last ids, which the answers follow, but a question cut without a word looks like a bad answer. Names the
+    first such record and counts the others; a record whose prompt cannot be made is left to the run to name."""
+    if cfg.max_input_tokens <= 0:
+        return
+    from models.tokenizer import LynxTokenizer
+    from models.weight_files import llm_folder
+
+    tokenizer = LynxTokenizer(os.path.join(llm_folder(cfg), "tokenizer.model"))
+    cut = []
+    for record in records:
+        try:
+            length = len(tokenizer.encode(format_prompt(cfg.prompt, record.fields, cfg.lower_text), 0))
+        except RecordError:
+            continue
+        if length > cfg.max_input_tokens:
+            cut.append((record, length))
+    if not cut:
+        return
+    record, length = cut[0]
+    name = f"record {record.index!r} ({record.path}:{record.line})" if record.line else record.path  # or --question
+    others = {1: "", 2: "; 1 more record is cut too"}.get(len(cut), f"; {len(cut) - 1} more records are cut too")
+    log.warning("%s: its prompt is %d tokens and max_input_tokens keeps the last %d, as the original did: its "
+                "beginning is not seen%s (max_input_tokens: 0 keeps every token)", name, length, cfg.max_input_tokens,
+                others)
 
 
 def pad_batch(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:

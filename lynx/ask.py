@@ -15,7 +15,7 @@ import os
 import random
 
 from dataset.images import open_image
-from dataset.prompt import format_prompt
+from dataset.prompt import format_prompt, warn_cut_prompts
 from dataset.records import Record
 from dataset.video import load_video_frames
 from errors import InputError, RecordError
@@ -62,7 +62,8 @@ def question_record(cfg, args: argparse.Namespace) -> tuple:
         if err.path and not os.path.exists(err.path) and not os.path.isabs(err.path):
             where += f" (relative to the working directory {os.getcwd()})"
         raise InputError(f"{where}: {err.reason}") from None
-    record = Record({"index": 0, "question": args.question, kind: media}, f"--{kind}", 0, 0)
+    record = Record({"index": 0, "question": args.question, kind: media}, "--question", 0, 0)
+    warn_cut_prompts([record], cfg)
     return dataclasses.replace(cfg, vision_prompt_dict=kind), record
 
 
@@ -76,5 +77,5 @@ def answer_question(cfg, args: argparse.Namespace) -> str:
     pipeline = LynxPipeline.from_config(cfg, args.device)
     item = LynxEvalDataset([record], cfg, pipeline.tokenizer, args.seed)[0]
     if item.error is not None:
-        raise InputError(f"{record.path}: {item.error.reason}")
+        raise InputError(f"--{cfg.vision_prompt_dict}: {item.error.reason}")
     return pipeline.answer_batch(pipeline.collate([item]), generator=pipeline.generator(args.seed))[0]

@@ -4,6 +4,7 @@ test_run_files.py show it is before torch is imported)."""
 from __future__ import annotations
 
 import json
+import logging
 
 import pytest
 import yaml
@@ -28,12 +29,16 @@ def record_and_answer(kind: str, position: int) -> tuple[dict, str]:
 
 @pytest.mark.parametrize("kind, position", [("image", 0), ("image", 2), ("video", 0), ("video", 5)],
                          ids=["image", "image-long-question", "video-mp4", "video-frame-file"])
-def test_one_question_gets_the_answer_a_run_writes(in_fixture, capsys, kind, position):
+def test_one_question_gets_the_answer_a_run_writes(in_fixture, capsys, caplog, kind, position):
     """The fixture's config (vision_prompt_dict: image) answers a video too; the long question is cut to
-    max_input_tokens as in a run."""
+    max_input_tokens as in a run, and a warning says so."""
     record, expected = record_and_answer(kind, position)
-    assert ask(capsys, f"--{kind}", record[kind], "--question", record["question"]) == expected + "\n"
+    with caplog.at_level(logging.WARNING, logger="lynx"):
+        assert ask(capsys, f"--{kind}", record[kind], "--question", record["question"]) == expected + "\n"
     assert not (FIXTURE / "result_0.jsonl").exists()  # nothing written: the default --output_path is not used
+    cut = [r.getMessage() for r in caplog.records if "its prompt is" in r.getMessage()]
+    assert cut == (["--question: its prompt is 105 tokens and max_input_tokens keeps the last 40, as the original "
+                    "did: its beginning is not seen (max_input_tokens: 0 keeps every token)"] if position == 2 else [])
 
 
 def test_sampled_decoding_draws_as_a_run_of_that_record_alone(tmp_path, in_fixture, capsys):

@@ -304,6 +304,17 @@ def test_a_file_with_some_records_of_the_key_goes_on(tmp_path, in_fixture):
     assert [row["index"] for row in read_jsonl(tmp_path / "answers.jsonl.errors.jsonl")] == [900]
 
 
+def test_cut_prompts_are_one_warning_before_the_model_loads(tmp_path, in_fixture, monkeypatch, caplog):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LynxPipeline, "from_config", interrupt)
+    with caplog.at_level(logging.WARNING, logger="lynx"):
+        assert run_main(fixture_config(), tmp_path) == 130
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "its prompt is" in r.getMessage()] == [
+        "record 42 (./data/Open_VQA_images_tiny.jsonl"]
+
+
 def test_the_probe_sees_torch_once_the_run_gets_that_far(tmp_path):
     """The same probe after the checks pass: a device this machine lacks is found once torch is there."""
     proc = probe(tmp_path, shipped(), "--output_path", str(tmp_path / "a.jsonl"), "--device", "tpu")
