@@ -51,7 +51,9 @@ class Record:
 
 
 def read_json_lines(path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a bad line is an error naming file:line."""
+    """(line number, object) for each non-blank line; a bad line is an error naming file:line and the column. A
+    byte-order mark starting a line is skipped: an editor saving "UTF-8 with BOM" writes one first, and joining such
+    files leaves them inside."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
@@ -61,12 +63,14 @@ def read_json_lines(path) -> list[tuple[int, dict]]:
         raise InputError(f"{path}: not UTF-8 text ({err.reason})") from None
     rows = []
     for line_no, line in enumerate(lines, start=1):
+        line = line.removeprefix("\ufeff").rstrip("\r\n")
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{line_no}: not valid JSON: {err.msg} (column {err.colno})") from None
+            where = "at the end of the line" if err.pos >= len(line) else f"column {err.pos + 1}"
+            raise InputError(f"{path}:{line_no}: not valid JSON: {err.msg} ({where})") from None
         if not isinstance(row, dict):
             raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
         rows.append((line_no, row))
