@@ -330,6 +330,16 @@ def test_the_package_imports_its_torch_free_modules_without_torch():
     assert proc.stdout.split() == ["False", "True"], proc.stderr
 
 
+def test_importing_the_api_prints_nothing_but_other_pytree_warnings_still_show():
+    """torch logged two deprecation lines when transformers imported torchao (its KernelPreference and
+    ScaleCalculationMode Enums); only those are dropped."""
+    code = ("import logging; from lynx import LynxPipeline; import torchao.quantization; "
+            "logging.getLogger('torch.utils._pytree').warning('another pytree warning')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert [line.split("] ", 1)[-1] for line in proc.stderr.splitlines()] == ["another pytree warning"], proc.stderr
+
+
 # ---------------------------------------------------------------- generate.sh
 
 
