@@ -148,7 +148,7 @@ def start(args):
     limits = limits_of(args)
     cfg = load_config(args.config, args.overrides)
     check_prompt(cfg, args.config)
-    check_weight_files(cfg)
+    check_weight_files(cfg, args.config, args.overrides)
     sock = listening_socket(args.host, args.port)
 
     import uvicorn

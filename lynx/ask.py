@@ -51,7 +51,7 @@ def question_record(cfg, args: argparse.Namespace) -> tuple:
         format_prompt(cfg.prompt, {"question": args.question}, cfg.lower_text)
     except RecordError as err:
         raise InputError(f"{args.config}: {err.reason}; --question fills only {{question}}") from None
-    check_weight_files(cfg)
+    check_weight_files(cfg, args.config, args.overrides)
     try:
         if kind == "image":
             open_image(media)

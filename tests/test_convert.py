@@ -148,4 +148,4 @@ def test_help_and_a_missing_weight_file_answer_before_torch(tmp_path):
         proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=FIXTURE, capture_output=True, text=True,
                               timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
         assert proc.stdout.splitlines()[-1] == f"{status} False", proc.stderr
-    assert proc.stderr.startswith("error: weight file not found: ./data/nope.pt")
+    assert proc.stderr.startswith("error: a weight file named by the config is missing")

@@ -24,7 +24,8 @@ def serve_argv(tmp_path, *flags: str, **overrides) -> list[str]:
 def test_a_missing_weight_file_is_one_line_before_torch(tmp_path):
     proc = probe_torch(ROOT / "serve.py", *serve_argv(tmp_path, checkpoint="./data/nope.pt"))
     assert proc.returncode == 1
-    assert proc.stderr.splitlines()[0].startswith("error: weight file not found: ./data/nope.pt — get https://")
+    assert proc.stderr.splitlines()[0].startswith("error: a weight file named by the config is missing")
+    assert proc.stderr.splitlines()[1].startswith("  checkpoint ./data/nope.pt: no such file")
     assert proc.stderr.splitlines()[-1] == "torch not imported"
 
 
