@@ -220,9 +220,11 @@ class ResumableRun:
         mine = None
         for path in partials:
             side = read_side_file(path)
-            if not side.answers:  # a start that failed or a run that answered nothing (nothing to keep: replaced),
-                if path not in ours and path != self.partial_path:  # or another process creating its file now
-                    _remove([path])
+            if not side.answers:
+                # Nothing to keep, whatever its settings: a start that failed or was stopped, or a run that answered
+                # nothing (this process's own is written afresh below), or another process of this run creating its.
+                if path not in ours and path != self.partial_path:
+                    _remove([path])  # an earlier run's
                 continue
             if side.fingerprint != fingerprint:
                 raise other_settings_error(path)

@@ -30,26 +30,6 @@ from server.serving import ChatService
 log = logging.getLogger("lynx.server")
 
 
-@dataclass
-class LynxState:
-    """What the routes see: the status, and once loaded the engine and the chat service."""
-
-    limits: Limits
-    model_name: str
-    status: str = "loading"  # loading | ready | failed | stopping
-    error: str | None = None
-    engine: Engine | None = None
-    service: ChatService | None = None
-    metrics: Metrics | None = None
-    started: int = field(default_factory=lambda: int(time.time()))
-    loading: "Loading" = field(default_factory=lambda: Loading())
-
-    def status_message(self) -> str:
-        return {"loading": "the model is loading; try again shortly",
-                "failed": f"the server cannot answer: {self.error}",
-                "stopping": "the server is stopping"}.get(self.status, self.status)
-
-
 class Loading:
     """The model's load on a daemon thread: a server stopped while it loads (Ctrl-C, SIGTERM) ends without waiting
     for a load of minutes, as it would for a worker of asyncio's executor."""
@@ -85,6 +65,26 @@ class Loading:
 
     def unfinished(self) -> bool:
         return self.thread is not None and self.thread.is_alive()
+
+
+@dataclass
+class LynxState:
+    """What the routes see: the status, and once loaded the engine and the chat service."""
+
+    limits: Limits
+    model_name: str
+    status: str = "loading"  # loading | ready | failed | stopping
+    error: str | None = None
+    engine: Engine | None = None
+    service: ChatService | None = None
+    metrics: Metrics | None = None
+    started: int = field(default_factory=lambda: int(time.time()))
+    loading: Loading = field(default_factory=Loading)
+
+    def status_message(self) -> str:
+        return {"loading": "the model is loading; try again shortly",
+                "failed": f"the server cannot answer: {self.error}",
+                "stopping": "the server is stopping"}.get(self.status, self.status)
 
 
 def create_app(load: Callable[[], object], limits: Limits, model_name: str, batch_size: int | None = None,
