@@ -1,6 +1,7 @@
 """Answer every record of the config's test files with Lynx and write `{"index", "text_output"}` lines.
 
     python generate.py --config configs/LYNX.yaml --output_path ./result_0.jsonl --device cuda --seed 42
+    python generate.py --config configs/LYNX.yaml --image images/cat.jpg --question "What is in it?"   one answer
     torchrun --nproc_per_node 8 generate.py ...     one process per GPU; rank 0 writes the file (lynx/processes.py)
 
 Exit status: 0 all answered; 1 the run could not start or go on; 2 some records could not be answered (listed in
@@ -10,17 +11,19 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
 import sys
 
 # Only torch-free modules here: the arguments, the config, the test files, the output and the weight files are
 # checked before torch is imported (about 10 s), so a mistake is reported in a moment.
 from configs.schema import load_config
-from dataset.records import read_test_files
+from dataset.prompt import warn_cut_prompts
+from dataset.records import check_media_key, read_test_files
 from errors import InputError
+from lynx.ask import add_question_flags, answer_question, check_question_flags
 from lynx.processes import Processes
 from lynx.resumable import ResumableRun, run_fingerprint
-from models.weight_files import check_weight_files
+from models.tokenizer import LynxTokenizer
+from models.weight_files import check_weight_files, run_dtype
 
 log = logging.getLogger("lynx")
 
@@ -56,14 +59,19 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an existing output, or a partial run made with other settings")
     parser.add_argument("--strict", action="store_true", help="stop at the first record that cannot be answered")
-    return parser.parse_args(argv)
+    add_question_flags(parser)
+    args = parser.parse_args(argv)
+    check_question_flags(parser, args)
+    return args
 
 
 def read_records(cfg):
-    """The records of the config's test files; none at all is an error, before anything loads."""
+    """The records of the config's test files; none at all, or a file with none of the media the config reads, is an
+    error, before anything loads."""
     records = read_test_files(cfg.test_files)
     if not records:
         raise InputError(f"no records to answer: {', '.join(cfg.test_files)} (empty, or blank lines only)")
+    check_media_key(records, cfg.vision_prompt_dict)
     return records
 
 
@@ -74,7 +82,7 @@ def answer(args, cfg, records, run: ResumableRun) -> int:
     from lynx.run import answer_records
 
     device = run.processes.join(args.device)  # checks the device; the weight files were checked in main
-    dtype = cfg.resolve_dtype(device)
+    dtype = run_dtype(cfg, device)
     run.open(run_fingerprint(cfg, dtype, args.seed), args.overwrite)
     seed_everything(args.seed)  # the same on every process; sampled decoding seeds each batch (answer_records)
     pipeline = LynxPipeline.build(cfg, device, dtype)
@@ -101,19 +109,24 @@ def main(argv=None) -> int:
     run = ResumableRun(args.output_path, processes)
     try:
         cfg = load_config(args.config, args.overrides)
+        if args.question is not None:  # one question: its answer printed, no file written
+            print(answer_question(cfg, args))
+            return 0
         records = read_records(cfg)
         run.check_output(cfg.test_files, args.overwrite)
         check_weight_files(cfg, args.config, args.overrides)
+        if processes.is_main:
+            warn_cut_prompts(records, cfg, LynxTokenizer.of(cfg))
         unanswered = answer(args, cfg, records, run)
     except InputError as err:
         print(f"error: {processes.prefix}{err}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        if os.path.exists(run.partial_path):
+        if run.kept():
             print(f"interrupted: finished answers are kept in {run.partial_path}; run the same command again to "
                   f"resume", file=sys.stderr)
         else:
-            print("interrupted before any answer", file=sys.stderr)
+            print("interrupted before any answer was written; the same command starts again", file=sys.stderr)
         return 130
     if not processes.is_main:
         return 0  # rank 0 reports the run

@@ -5,20 +5,25 @@
 
 Endpoints: GET / (the page), GET /health, GET /metrics, GET /v1/models, POST /v1/chat/completions. See
 docs/serving.md.
-SIGTERM or Ctrl-C: no new connections, the requests in flight are answered, then the process ends by that signal
-(status 143 or 130 in a shell, as uvicorn ends). Exit status 1: the server could not start or load the model.
+SIGTERM or Ctrl-C: no new connections, the requests in flight are answered, then the process ends (status 143 or
+130, as uvicorn ends). Exit status 1: the server could not start (one line: a bad flag or config, a missing weight
+file, a port in use, checked before torch is imported) or load the model; 130: Ctrl-C, also while starting.
 """
 from __future__ import annotations
 
 import argparse
+import errno
 import ipaddress
 import logging
+import os
+import socket
 import sys
 from pathlib import Path
 
 from configs.decoding import request_limits
 from configs.schema import load_config
 from errors import InputError
+from models.weight_files import check_weight_files
 from server.fetch import Fetcher
 from server.security import LOOPBACK_NAMES, Limits, host_name
 
@@ -126,28 +131,38 @@ def check_prompt(cfg, where: str) -> None:
         raise InputError(f"{where}: {err.reason}; the server fills only {{question}}") from None
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
-                        datefmt="%H:%M:%S")
+def listening_socket(host: str, port: int) -> socket.socket:
+    """The server's socket, bound before the model loads (as uvicorn binds it): a port in use is one line at once,
+    not after the load, and no other process can take the port meanwhile."""
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
-        limits = limits_of(args)
-        cfg = load_config(args.config, args.overrides)
-        check_prompt(cfg, args.config)
-        from lynx.pipeline import LynxPipeline, check_device, default_device
-        from models.weight_files import check_weight_files
+        sock.bind((host, port))
+    except OSError as err:
+        sock.close()
+        hint = " (another process holds the port: stop it, or pick another with --port)" if (
+            err.errno == errno.EADDRINUSE) else ""
+        raise InputError(f"cannot listen on {host}:{port}: {err.strerror or err}{hint}") from None
+    sock.set_inheritable(True)
+    return sock
 
-        device = args.device or default_device()
-        check_device(device)
-        check_weight_files(cfg)
-    except InputError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
+
+def start(args):
+    """Everything before serving, cheapest first: the flags, the config, the weight files and the port are checked
+    before torch is imported (about 15 s); then the device. Returns the uvicorn server, its socket and the app."""
+    limits = limits_of(args)
+    cfg = load_config(args.config, args.overrides)
+    check_prompt(cfg, args.config)
+    check_weight_files(cfg, args.config, args.overrides)
+    sock = listening_socket(args.host, args.port)
 
     import uvicorn
 
+    from lynx.pipeline import LynxPipeline, check_device, default_device
     from server.app import create_app
 
+    device = args.device or default_device()
+    check_device(device)
     server = None
 
     def stop() -> None:
@@ -157,8 +172,34 @@ def main(argv=None) -> int:
                      batch_size=args.batch_size, window=args.batch_window_ms / 1000, on_failure=stop)
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
                                            timeout_graceful_shutdown=args.request_timeout + 5))
-    server.run()
-    return 1 if app.state.lynx.status == "failed" else 0
+    host, port = sock.getsockname()[:2]
+    log.info("listening on http://%s:%d (Ctrl-C to stop)", f"[{host}]" if ":" in host else host, port)
+    return server, sock, app
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(message)s",
+                        datefmt="%H:%M:%S")
+    try:
+        server, sock, app = start(args)
+    except InputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted while starting: nothing was served", file=sys.stderr)
+        return 130
+    try:
+        server.run(sockets=[sock])
+        status = 1 if app.state.lynx.status == "failed" else 0
+    except KeyboardInterrupt:  # uvicorn has answered the requests in flight and logged its shutdown
+        status = 130
+    if app.state.lynx.loading.unfinished():  # stopped while the model loaded: end now, not after the load
+        log.info("stopped while the model was loading")
+        logging.shutdown()
+        sys.stderr.flush()
+        os._exit(status)
+    return status
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ template is checked as a template. The result is handed onward as a `LynxConfig`
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import difflib
 import math
@@ -18,6 +19,7 @@ import yaml
 
 from configs.decoding import DecodingSettings, config_keys
 from configs.template import prompt_problem
+from configs.yaml_file import read_config_file
 from errors import InputError
 
 # Vision-encoder presets by the original's `vision_encoder` name. `vit:` in a config overrides any of these.
@@ -333,26 +335,34 @@ def config_from_dict(raw: dict, where: str = "config") -> LynxConfig:
     return _validate(_build(LynxConfig, raw, where), where)
 
 
+def _with_override(raw: dict, text: str) -> dict:
+    """A copy of `raw` with one `--set key=value` applied."""
+    raw = copy.deepcopy(raw)
+    keys, value = parse_override(text)
+    target = raw
+    for key in keys[:-1]:
+        if not isinstance(target.get(key), dict):
+            target[key] = {}
+        target = target[key]
+    target[keys[-1]] = value
+    return raw
+
+
 def load_config(path: str, overrides: list[str] = ()) -> LynxConfig:
-    """Read a YAML config and apply `--set key=value` overrides (dotted keys reach into `data:` and `vit:`)."""
-    if not os.path.isfile(path):
-        raise InputError(f"config file not found: {path}")
-    try:
-        with open(path, encoding="utf-8") as f:
-            raw = yaml.safe_load(f) or {}
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        line = f":{mark.line + 1}" if mark is not None else ""
-        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
-        raise InputError(f"{path}{line}: YAML syntax error: {problem}") from None
-    if not isinstance(raw, dict):
-        raise InputError(f"{path}: expected a mapping of config keys at the top level")
+    """Read a YAML config and apply `--set key=value` overrides (dotted keys reach into `data:` and `vit:`). A value
+    the config refuses is blamed on the file when the file alone is refused, else on the first --set that makes the
+    config unusable."""
+    raw = read_config_file(path)
+    merged = raw
     for text in overrides:
-        keys, value = parse_override(text)
-        target = raw
-        for key in keys[:-1]:
-            if not isinstance(target.get(key), dict):
-                target[key] = {}
-            target = target[key]
-        target[keys[-1]] = value
-    return config_from_dict(raw, where=path)
+        merged = _with_override(merged, text)
+    try:
+        return config_from_dict(merged, where=path)
+    except InputError as err:
+        refused = err
+    if overrides:
+        config_from_dict(raw, where=path)  # the file's own mistake is the file's
+        for text in overrides:  # else the first --set after which the config is refused
+            raw = _with_override(raw, text)
+            config_from_dict(raw, where=f"--set {text!r}")
+    raise refused

@@ -7,10 +7,15 @@ Quirks reproduced on purpose (they change answers):
 from __future__ import annotations
 
 import json
-
-import torch
+import logging
+from typing import TYPE_CHECKING
 
 from errors import RecordError
+
+if TYPE_CHECKING:
+    import torch
+
+log = logging.getLogger("lynx")
 
 
 def format_prompt(template: str, record: dict, lower_text: bool, index=None) -> str:
@@ -49,8 +54,36 @@ def _json_kind(value) -> str:
     return type(value).__name__
 
 
+def warn_cut_prompts(records: list, cfg, tokenizer) -> None:
+    """One warning, before the model loads, when prompts are longer than `max_input_tokens`: the original keeps only
+    their last ids, which the answers follow, but a question cut without a word looks like a bad answer. Names the
+    first such record and counts the others; a record whose prompt cannot be made is left to the run to name.
+    `tokenizer`: the LLM's (models.tokenizer.LynxTokenizer.of(cfg))."""
+    if cfg.max_input_tokens <= 0:
+        return
+    cut = []
+    for record in records:
+        try:
+            length = len(tokenizer.encode(format_prompt(cfg.prompt, record.fields, cfg.lower_text), 0))
+        except RecordError:
+            continue
+        if length > cfg.max_input_tokens:
+            cut.append((record, length))
+    if not cut:
+        return
+    record, length = cut[0]
+    name = f"record {record.index!r} ({record.path}:{record.line})" if record.line else record.path  # or --question
+    others = {1: "", 2: "; 1 more record is cut too"}.get(len(cut), f"; {len(cut) - 1} more records are cut too")
+    log.warning("%s: its prompt is %d tokens and max_input_tokens keeps the last %d, as the original did: its "
+                "beginning is not seen%s (max_input_tokens: 0 keeps every token)", name, length, cfg.max_input_tokens,
+                others)
+
+
 def pad_batch(rows: list[list[int]], pad_id: int, left: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pad id rows to the longest; returns (input_ids, attention_mask) with 0 on pads."""
+    """Pad id rows to the longest; returns (input_ids, attention_mask) with 0 on pads. (torch is imported here: the
+    prompt itself is checked before torch loads, by generate.py's one question and serve.py.)"""
+    import torch
+
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)

@@ -51,7 +51,9 @@ class Record:
 
 
 def read_json_lines(path) -> list[tuple[int, dict]]:
-    """(line number, object) for each non-blank line; a bad line is an error naming file:line."""
+    """(line number, object) for each non-blank line; a bad line is an error naming file:line and the column. A
+    byte-order mark starting a line is skipped: an editor saving "UTF-8 with BOM" writes one first, and joining such
+    files leaves them inside."""
     try:
         with open(path, encoding="utf-8") as f:
             lines = f.readlines()
@@ -61,12 +63,14 @@ def read_json_lines(path) -> list[tuple[int, dict]]:
         raise InputError(f"{path}: not UTF-8 text ({err.reason})") from None
     rows = []
     for line_no, line in enumerate(lines, start=1):
+        line = line.removeprefix("\ufeff").rstrip("\r\n")
         if not line.strip():
             continue
         try:
             row = json.loads(line)
         except json.JSONDecodeError as err:
-            raise InputError(f"{path}:{line_no}: not valid JSON: {err.msg} (column {err.colno})") from None
+            where = "at the end of the line" if err.pos >= len(line) else f"column {err.pos + 1}"
+            raise InputError(f"{path}:{line_no}: not valid JSON: {err.msg} ({where})") from None
         if not isinstance(row, dict):
             raise InputError(f"{path}:{line_no}: expected a JSON object, got {type(row).__name__}")
         rows.append((line_no, row))
@@ -125,3 +129,24 @@ def read_test_files(paths: list[str]) -> list[Record]:
     for file_no, path in enumerate(paths):
         records.extend(read_jsonl(path, file_no))
     return records
+
+
+def check_media_key(records: list[Record], vision_key: str) -> None:
+    """Refuse, before anything loads, a test file none of whose records holds the configured media key: test_files
+    pointed at videos with `vision_prompt_dict: image` left as it was would load the model only to fail every
+    record. A file where some records hold it goes on: the others fail one by one, named."""
+    if vision_key == "auto":
+        return
+    files: dict[int, list[Record]] = {}
+    for record in records:
+        files.setdefault(record.file_no, []).append(record)
+    for rows in files.values():
+        if any(vision_key in record.fields for record in rows):
+            continue
+        held = [kind for kind in MEDIA_KINDS if any(kind in record.fields for record in rows)]
+        problem = (f"{rows[0].path}: vision_prompt_dict is '{vision_key}', but none of its records has the field "
+                   f"'{vision_key}'")
+        if not held:
+            raise InputError(f"{problem} (nor 'image' or 'video')")
+        raise InputError(f"{problem}; they have '{held[0]}': set vision_prompt_dict: {held[0]} (or auto, which reads "
+                         f"each record's own)")

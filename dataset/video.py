@@ -101,11 +101,12 @@ def _frames_from_container(path, num_frames, sampling, rng, index):
     """Read only the sampled frames of a video file with decord (RGB24, as the reference fixture was made)."""
     import decord
 
+    decord.logging.set_level(decord.logging.QUIET)  # ffmpeg's own lines: the record's error says what went wrong
     try:
         reader = decord.VideoReader(path)
         count = len(reader)
     except Exception as exc:  # decord raises RuntimeError or its own DECORDError (an Exception)
-        raise RecordError(index, f"cannot decode video: {_first_line(exc)}", path) from exc
+        raise RecordError(index, f"cannot decode video: {_decord_problem(exc)}", path) from exc
     if count == 0:
         raise RecordError(index, "video has no frames", path)
 
@@ -113,7 +114,7 @@ def _frames_from_container(path, num_frames, sampling, rng, index):
     try:
         batch = reader.get_batch(ids).asnumpy()
     except Exception as exc:
-        raise RecordError(index, f"cannot decode frames {ids} of {count}: {_first_line(exc)}", path) from exc
+        raise RecordError(index, f"cannot decode frames {ids} of {count}: {_decord_problem(exc)}", path) from exc
     return [Image.fromarray(frame).convert("RGB") for frame in batch]
 
 
@@ -159,6 +160,22 @@ def _frame(value, position, index, path, max_pixels):
         raise RecordError(index, f"frame {position} is not a readable image: {problem}", path) from None
 
 
-def _first_line(exc):
-    """First line of an error message, without the '[12:00:00] src/file.cc:83: ' prefix decord logs with."""
-    return re.sub(r"^\[[\d:]+\] \S+:\d+: ", "", first_line(exc) or type(exc).__name__)
+# decord's messages for the usual problems (its own text names C++ checks and source files), in words.
+DECORD_PROBLEMS = (
+    ("cannot find video stream", "the file has no video stream (audio only, or not a video)"),
+    ("Error reading", "not a video file, or a damaged one"),
+    ("Invalid data found", "not a video file, or a damaged one"),
+    ("broken metadata", "its length cannot be read (not a video file, or a damaged one)"),
+    ("Error while feeding the filter graph", "the file is damaged there"),
+)
+
+
+def _decord_problem(exc):
+    """What went wrong, in words: a known decord problem, else its first line without the '[12:00:00]
+    src/file.cc:83: ' prefixes and C++ check text it logs with."""
+    text = first_line(exc) or type(exc).__name__
+    for clue, problem in DECORD_PROBLEMS:
+        if clue in text:
+            return problem
+    text = re.sub(r"(\[[\d:]+\] \S+:\d+: )+", "", text)
+    return re.sub(r"^Check failed: .*?\) ", "", text)

@@ -4,6 +4,8 @@
 processes) load in a moment and generate.py checks its input before torch is imported.
 """
 
+import models  # noqa: F401  (first: its filter keeps torchao's two import notices off the output; torch-free)
+
 __all__ = ["LynxPipeline"]
 
 

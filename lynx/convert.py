@@ -19,10 +19,8 @@ import yaml
 
 from configs.schema import DTYPES, load_config
 from errors import InputError
-from models.build import TORCH_DTYPES, plan_lynx
 from models.weight_files import CONVERTED_CONFIG, CONVERTED_LLM, CONVERTED_WEIGHTS, LLM_SIDE_FILES, \
     check_weight_files
-from models.tensor_files import write_safetensors
 
 log = logging.getLogger("lynx")
 
@@ -33,6 +31,9 @@ def convert(cfg, out: str, dtype: str) -> int:
         raise InputError(f"the config already reads a converted folder ({cfg.converted}); convert from the release "
                          f"files (converted: null)")
     check_weight_files(cfg)
+    from models.build import TORCH_DTYPES, plan_lynx  # torch: imported once the flags and files are checked
+    from models.tensor_files import write_safetensors
+
     model, plan, reports, _ = plan_lynx(cfg)
     for report in reports:
         log.info("%s", report.summary())

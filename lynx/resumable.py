@@ -59,8 +59,8 @@ def file_stamp(path: str) -> list:
 
 
 def run_fingerprint(cfg, dtype: str, seed: int) -> str:
-    """A digest of everything that changes the answers: the config but its worker count, the run's dtype (the
-    config's resolved for the device), the seed, and the name, size and date of the weight files (of the converted
+    """A digest of everything that changes the answers: the config but its worker count, the run's dtype
+    (models.weight_files.run_dtype), the seed, and the name, size and date of the weight files (of the converted
     folder, when the run reads one). Records are matched by content (their `key`), so the records themselves are
     not part of it."""
     settings = cfg.to_dict()
@@ -220,8 +220,12 @@ class ResumableRun:
         mine = None
         for path in partials:
             side = read_side_file(path)
-            if side.fingerprint is None and not side.answers:
-                continue  # a start that failed (nothing to keep), or another process creating its file now
+            if not side.answers:
+                # Nothing to keep, whatever its settings: a start that failed or was stopped, or a run that answered
+                # nothing (this process's own is written afresh below), or another process of this run creating its.
+                if path not in ours and path != self.partial_path:
+                    _remove([path])  # an earlier run's
+                continue
             if side.fingerprint != fingerprint:
                 raise other_settings_error(path)
             for key, text in side.answers.items():
@@ -289,6 +293,14 @@ class ResumableRun:
         self.processes.leave()
         return missing
 
+    def kept(self) -> int:
+        """How many answers this process's side file holds: what a stopped run leaves to resume (0: none, or none
+        yet)."""
+        try:
+            return len(read_side_file(self.partial_path).answers) if os.path.exists(self.partial_path) else 0
+        except InputError:
+            return 0
+
     @contextmanager
     def _writing(self, path: str):
         """Turn a refused write into one line that says what is kept."""
@@ -296,5 +308,5 @@ class ResumableRun:
             yield
         except OSError as err:
             kept = (f"; finished answers are kept in {self.partial_path}: run the same command again to resume"
-                    if os.path.exists(self.partial_path) else "")
+                    if self.kept() else "")
             raise CannotWrite(f"cannot write {path}: {err.strerror or err}{kept}") from None

@@ -16,7 +16,7 @@ from models.loading import materialise, release_plan
 from models.lynx import Lynx, LynxLlamaForCausalLM, vit_chunk_for
 from models.quantize import Quantizer
 from models.tokenizer import LynxTokenizer
-from models.weight_files import llm_folder
+from models.weight_files import llm_folder, run_dtype
 
 log = logging.getLogger("lynx")
 TORCH_DTYPES = {name: getattr(torch, name) for name in DTYPES}
@@ -49,11 +49,11 @@ def model_skeleton(cfg: LynxConfig, llm_config, device: str = "cpu") -> Lynx:
 def plan_lynx(cfg: LynxConfig, device: str = "cpu",
               dtype: str | None = None) -> tuple[Lynx, dict, list, LynxTokenizer]:
     """Lynx on the meta device, the plan of its weights with every file checked against its shapes (nothing read
-    yet: a bad file fails in seconds), the load reports and the tokenizer. `dtype`: the run's (default: the
-    config's for the device)."""
-    dtype = TORCH_DTYPES[dtype or cfg.resolve_dtype(device)]
+    yet: a bad file fails in seconds), the load reports and the tokenizer. `dtype`: the run's (default:
+    models.weight_files.run_dtype)."""
+    dtype = TORCH_DTYPES[dtype or run_dtype(cfg, device)]
     folder = llm_folder(cfg)
-    tokenizer = LynxTokenizer(os.path.join(folder, "tokenizer.model"))
+    tokenizer = LynxTokenizer.of(cfg)
     llm_config = read_llm_config(folder)
     file_vocab = llm_config.vocab_size
     llm_config.vocab_size = tokenizer.vocab_size  # [PAD] appended
@@ -66,13 +66,15 @@ def plan_lynx(cfg: LynxConfig, device: str = "cpu",
 
 
 def build_lynx(cfg: LynxConfig, device: str = "cpu", dtype: str | None = None) -> tuple[Lynx, LynxTokenizer]:
-    """The model in eval mode on `device` in `dtype` (default: the config's for the device; linear layers quantized
-    if the config says so), and its tokenizer. Prints a load report. The weight files are checked by the caller
-    (models.weight_files.check_weight_files, before torch is imported); a file that does not fit fails here."""
-    dtype = dtype or cfg.resolve_dtype(device)
+    """The model in eval mode on `device` in `dtype` (default: models.weight_files.run_dtype; linear layers
+    quantized if the config says so), and its tokenizer. Prints a load report. The weight files are checked by the
+    caller (models.weight_files.check_weight_files, before torch is imported); a file that does not fit fails here."""
+    dtype = dtype or run_dtype(cfg, device)
     model, plan, reports, tokenizer = plan_lynx(cfg, device, dtype)
     dtype = TORCH_DTYPES[dtype]
     quantizer = Quantizer(model, cfg.quantize, device, dtype, vit=cfg.quantize_vit) if cfg.quantize else None
+    if cfg.dtype is None and cfg.converted is not None:
+        log.info("dtype %s: the converted folder's own (dtype is unset)", str(dtype).removeprefix("torch."))
     materialise(model, plan, device, dtype, quantizer)
     model.LLM.config.dtype = dtype
     folder = llm_folder(cfg)

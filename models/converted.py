@@ -30,10 +30,14 @@ def converted_plan(folder: str, model, dtype, mapped: bool = True) -> tuple[dict
     path = os.path.join(folder, CONVERTED_WEIGHTS)
     state = open_weight_file(path, "converted", mapped=mapped)
     stored = safetensors_metadata(path).get("dtype")
-    if stored is not None and stored != str(dtype).removeprefix("torch."):
+    wanted = str(dtype).removeprefix("torch.")
+    if stored is not None and stored != wanted and wanted == "float32":  # an up-cast gives no precision back
+        log.warning("%s holds %s weights and the config sets dtype: float32: cast up as they are read, they keep %s's "
+                    "precision, so the answers are not a float32 run's of the release files (convert again with "
+                    "--dtype float32 for those, or leave dtype unset to run in %s)", path, stored, stored, stored)
+    elif stored is not None and stored != wanted:
         log.warning("%s holds %s weights and this run uses %s: they are cast as they are read (exact only in the "
-                    "folder's dtype: its [PAD] rows are the mean taken in %s)", path, stored,
-                    str(dtype).removeprefix("torch."), stored)
+                    "folder's dtype: its [PAD] rows are the mean taken in %s)", path, stored, wanted, stored)
     own = model.state_dict()
     missing = [key for key in own if key not in state]
     if missing:

@@ -4,7 +4,9 @@ Decoding reads every weight once per token, so smaller weights fit smaller cards
 decoder layers hold 6.5 billion weights (13 GB in bfloat16, 6.5 GB in int8, ~3.5 GB in int4 with its group scales).
 The embeddings, lm_head, the bridge and the adapters (the trained parts) stay in the run's dtype. A quantized layer
 is still an `nn.Linear` called as before (its weight is a torchao tensor subclass), so transformers' forward and
-the fast decoder's per-layer code run unchanged.
+the fast decoder's per-layer code run unchanged. One exception: timm's EVA attention passes its fused qkv weight and
+the q/v biases to `F.linear` as keywords, which torchao's tensors do not take; a ViT block whose qkv is quantized
+adds those biases after the product instead (timm's `qkv_bias_separate`), as torchao's kernels add a bias anyway.
 
 Kernels: int8 works wherever torch runs. int4 uses tinygemm on CUDA (bfloat16 only; in_features a multiple of
 128, out_features of 8) and torchao's CPU int4 layout on the CPU (out_features a multiple of 16, in_features of 32);
@@ -67,6 +69,7 @@ class Quantizer:
             raise InputError(f"quantize: int4 on CUDA needs dtype bfloat16 (torchao's int4 kernel); this run uses "
                              f"{str(dtype).removeprefix('torch.')}")
         self.targets = quantization_targets(model, vit)
+        self.attention_of = {block.attn.qkv: block.attn for block in model.vision_encoder.blocks} if vit else {}
         self.waiting = {prefix: {f"{prefix}.{name}" for name, p in linear.named_parameters(recurse=False)}
                         for prefix, linear in self.targets.items()}
         self.quantized = self.kept = 0
@@ -89,6 +92,8 @@ class Quantizer:
             self.kept += 1
             return
         quantize_(linear, config)
+        if linear in self.attention_of:
+            self.attention_of[linear].qkv_bias_separate = True  # see the module's docstring
         self.quantized += 1
 
     def summary(self) -> str:

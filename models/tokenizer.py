@@ -1,9 +1,12 @@
 """Vicuna's sentencepiece tokenizer with the `[PAD]` token Lynx appends, built beside the LLM it belongs to."""
 from __future__ import annotations
 
+import os
 import re
 
 import sentencepiece as spm
+
+from models.weight_files import llm_folder
 
 PAD_TEXT = "[PAD]"
 
@@ -28,6 +31,11 @@ class LynxTokenizer:
         self.strips_around = {PAD_TEXT}
         longest_first = sorted(self.special_texts, key=len, reverse=True)
         self._splitter = re.compile("(" + "|".join(map(re.escape, longest_first)) + ")")
+
+    @classmethod
+    def of(cls, cfg) -> "LynxTokenizer":
+        """The tokenizer in the config's LLM folder."""
+        return cls(os.path.join(llm_folder(cfg), "tokenizer.model"))
 
     @property
     def vocab_size(self) -> int:

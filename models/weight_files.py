@@ -198,3 +198,26 @@ def check_converted(cfg) -> None:
         if theirs[key] != value:
             raise InputError(f"converted folder {folder} was made with {key} = {theirs[key]!r}, but this config has "
                              f"{key} = {value!r} — convert again for this config or set converted: null")
+
+
+def converted_dtype(folder: str) -> str | None:
+    """The dtype a converted folder's weights are stored in (its file's note), read without torch; None when it says
+    none or cannot be read (loading it names the problem)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(os.path.join(folder, CONVERTED_WEIGHTS), framework="numpy") as f:
+            return (f.metadata() or {}).get("dtype")
+    except Exception:  # noqa: BLE001 - safetensors raises its own errors for a damaged file
+        return None
+
+
+def run_dtype(cfg, device: str) -> str:
+    """The dtype a run computes in: the config's `dtype`; when unset, a converted folder's own (cast to the device's
+    default, its weights would give neither the folder's answers nor the release files'); else the device's default
+    (bfloat16 on CUDA, float32 on the CPU)."""
+    if cfg.dtype is None and cfg.converted is not None:
+        stored = converted_dtype(cfg.converted)
+        if stored is not None:
+            return stored
+    return cfg.resolve_dtype(device)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
@@ -29,6 +30,43 @@ from server.serving import ChatService
 log = logging.getLogger("lynx.server")
 
 
+class Loading:
+    """The model's load on a daemon thread: a server stopped while it loads (Ctrl-C, SIGTERM) ends without waiting
+    for a load of minutes, as it would for a worker of asyncio's executor."""
+
+    def __init__(self):
+        self.thread: threading.Thread | None = None
+
+    def run(self, load: Callable[[], object]) -> asyncio.Future:
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def settle(result, error) -> None:
+            if future.done():  # cancelled: the server stopped
+                return
+            if error is not None:
+                future.set_exception(error)
+            else:
+                future.set_result(result)
+
+        def work() -> None:
+            try:
+                result, error = load(), None
+            except BaseException as err:  # noqa: BLE001 - handed to the awaiting task
+                result, error = None, err
+            try:
+                loop.call_soon_threadsafe(settle, result, error)
+            except RuntimeError:  # the loop closed: the server stopped while the model loaded
+                pass
+
+        self.thread = threading.Thread(target=work, name="lynx-load", daemon=True)
+        self.thread.start()
+        return future
+
+    def unfinished(self) -> bool:
+        return self.thread is not None and self.thread.is_alive()
+
+
 @dataclass
 class LynxState:
     """What the routes see: the status, and once loaded the engine and the chat service."""
@@ -41,6 +79,7 @@ class LynxState:
     service: ChatService | None = None
     metrics: Metrics | None = None
     started: int = field(default_factory=lambda: int(time.time()))
+    loading: Loading = field(default_factory=Loading)
 
     def status_message(self) -> str:
         return {"loading": "the model is loading; try again shortly",
@@ -55,7 +94,7 @@ def create_app(load: Callable[[], object], limits: Limits, model_name: str, batc
 
     async def start() -> None:
         try:
-            pipeline = await asyncio.to_thread(load)
+            pipeline = await lynx.loading.run(load)
         except Exception as err:  # noqa: BLE001 - any failure to load is reported and stops the server
             log.error("the model could not be loaded: %s", err, exc_info=not isinstance(err, ValueError))
             lynx.status, lynx.error = "failed", f"the model could not be loaded: {err}"

@@ -56,6 +56,26 @@ def run_main(cfg: dict, tmp_path: Path, *extra: str, output: Path | None = None)
                           "--seed", "42", *extra])
 
 
+PROBE = """
+import os, runpy, sys
+sys.argv = sys.argv[1:]
+sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python script.py` does
+try:
+    runpy.run_path(sys.argv[0], run_name="__main__")
+except SystemExit as stop:
+    status = stop.code
+print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
+sys.exit(status)
+"""
+
+
+def probe_torch(script: Path, *argv: str, cwd: Path = FIXTURE) -> subprocess.CompletedProcess:
+    """`python script argv...` in a fresh interpreter that says at exit (stderr's last line) whether torch was
+    imported."""
+    return subprocess.run([sys.executable, "-c", PROBE, str(script), *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=120)
+
+
 def one_line_error(capsys) -> str:
     """The one `error: ` line a run printed, asserting there was exactly one and no traceback."""
     err = capsys.readouterr().err

@@ -147,7 +147,7 @@ def test_other_values_are_read_as_yaml():
     assert parse_override("test_files=[a.jsonl, b.jsonl]") == (["test_files"], ["a.jsonl", "b.jsonl"])
     with pytest.raises(InputError) as err:
         load_config(LYNX_YAML, ['num_beams="3"'])
-    assert str(err.value) == f"{LYNX_YAML}: 'num_beams' must be an integer, got '3'"
+    assert str(err.value) == "--set 'num_beams=\"3\"': 'num_beams' must be an integer, got '3'"
 
 
 def test_unknown_key_names_the_closest_known_key(tmp_path):
@@ -157,6 +157,41 @@ def test_unknown_key_names_the_closest_known_key(tmp_path):
         load_config(str(path))
     with pytest.raises(InputError, match="'data.num_frame'.*'num_frames'"):
         load_config(str(ROOT / "configs" / "LYNX.yaml"), ["data.num_frame=3"])
+
+
+@pytest.mark.parametrize("text, line, key, first", [
+    ("num_beams: 1\nmax_new_tokens: 4\nnum_beams: 5\n", 3, "num_beams", 1),
+    ("data:\n  num_frames: 5\n  num_workers: 0\n  num_frames: 8\n", 4, "num_frames", 2),
+    ("vit: {embed_dim: 64, depth: 2, embed_dim: 96}\n", 1, "embed_dim", 1),
+])
+def test_a_key_given_twice_is_refused_naming_both_lines(tmp_path, text, line, key, first):
+    """YAML's loaders keep the last value silently."""
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(InputError) as err:
+        load_config(str(path))
+    assert str(err.value) == f"{path}:{line}: '{key}' is given twice (first on line {first}); keep one"
+
+
+@pytest.mark.parametrize("overrides, blamed", [
+    (["num_beams=abc"], "--set 'num_beams=abc': 'num_beams' must be an integer, got 'abc'"),
+    (["num_beams=2", "num_beam=2"], "--set 'num_beam=2': unknown config key 'num_beam' (did you mean 'num_beams'?)"),
+    (["vit={embed_dim: 64, depth: 2, num_heads: 4, mlp_ratio: 4.0, patch_size: 14}", "vit.num_heads=5"],
+     "--set 'vit.num_heads=5': 'vit.embed_dim' 64 must be divisible by 'vit.num_heads' 5"),
+])
+def test_a_bad_set_value_is_blamed_on_that_set(overrides, blamed):
+    with pytest.raises(InputError) as err:
+        load_config(LYNX_YAML, overrides)
+    assert str(err.value) == blamed
+
+
+def test_the_files_own_mistake_is_the_files_and_a_set_may_mend_it(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("num_beams: 0\n")
+    with pytest.raises(InputError) as err:
+        load_config(str(path), ["max_new_tokens=abc"])
+    assert str(err.value) == f"{path}: 'num_beams' must be at least 1, got 0"
+    assert load_config(str(path), ["num_beams=2"]).num_beams == 2
 
 
 def test_yaml_syntax_error_names_the_line(tmp_path):
@@ -282,12 +317,12 @@ def test_templates_that_some_record_can_fill_are_accepted(prompt):
 
 
 @pytest.mark.parametrize("override, message", [
-    ("data.num_workers=-1", "configs/LYNX.yaml: 'data.num_workers' must be 0 (read media in the main process) or "
-                            "more, got -1"),
-    ("temperature=0", "configs/LYNX.yaml: 'temperature' must be a number greater than 0 when sampling "
+    ("data.num_workers=-1", "--set 'data.num_workers=-1': 'data.num_workers' must be 0 (read media in the main "
+                            "process) or more, got -1"),
+    ("temperature=0", "--set 'temperature=0': 'temperature' must be a number greater than 0 when sampling "
                       "(use_nucleus_sampling: true), got 0.0"),
-    ("prompt=User: {question", "configs/LYNX.yaml: 'prompt' is not a valid template (expected '}' before end of "
-                               "string; a literal brace is written {{ or }}): 'User: {question'"),
+    ("prompt=User: {question", "--set 'prompt=User: {question': 'prompt' is not a valid template (expected '}' before "
+                               "end of string; a literal brace is written {{ or }}): 'User: {question'"),
     ("prompt=User: {question}\\nBot:", "--set 'prompt=User: {question}\\\\nBot:': a value without quotes is taken as "
                                        "written, so its backslash would stay a backslash; quote it as YAML: \"...\" "
                                        "reads \\n as a line break, '...' keeps backslashes"),
@@ -301,7 +336,7 @@ def test_generate_with_the_shipped_config_stops_before_the_model_loads(tmp_path,
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error was found")
 
-    monkeypatch.setattr(LynxPipeline, "from_config", refuse)
+    monkeypatch.setattr(LynxPipeline, "build", refuse)
     monkeypatch.chdir(ROOT)
     output = tmp_path / "out.jsonl"
     status = generate.main(["--config", "configs/LYNX.yaml", "--output_path", str(output), "--device", "cpu",

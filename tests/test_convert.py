@@ -1,6 +1,9 @@
 """Converted folders (python -m lynx.convert): the same model and the same answers as the release files, loaded
 memory-mapped with nothing read in the run's dtype, and refused when made for another config."""
+import logging
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -8,7 +11,7 @@ import yaml
 
 import generate
 import models.tensor_files
-from conftest import FIXTURE, build_tiny_lynx, fixture_cases, fixture_config
+from conftest import FIXTURE, ROOT, build_tiny_lynx, fixture_cases, fixture_config
 from errors import InputError
 from lynx import convert
 from test_loading import assert_same_tensors
@@ -16,19 +19,29 @@ from test_loading import assert_same_tensors
 CASES = {c["name"]: c for c in fixture_cases()}
 
 
-@pytest.fixture(scope="module")
-def converted(tmp_path_factory):
-    """The tiny fixture converted in float32 (its runs' dtype), made from the fixture root."""
-    out = tmp_path_factory.mktemp("converted") / "lynx-f32"
+def convert_fixture(tmp_path_factory, dtype: str) -> str:
+    """The tiny fixture converted in `dtype`, made from the fixture root."""
+    out = tmp_path_factory.mktemp("converted") / f"lynx-{dtype}"
     config = tmp_path_factory.mktemp("cfg") / "config.yaml"
     config.write_text(yaml.safe_dump(fixture_config()))
     cwd = os.getcwd()
     os.chdir(FIXTURE)
     try:
-        assert convert.main(["--config", str(config), "--out", str(out), "--dtype", "float32"]) == 0
+        assert convert.main(["--config", str(config), "--out", str(out), "--dtype", dtype]) == 0
     finally:
         os.chdir(cwd)
     return str(out)
+
+
+@pytest.fixture(scope="module")
+def converted(tmp_path_factory):
+    """In float32, the fixture runs' dtype."""
+    return convert_fixture(tmp_path_factory, "float32")
+
+
+@pytest.fixture(scope="module")
+def converted_bf16(tmp_path_factory):
+    return convert_fixture(tmp_path_factory, "bfloat16")
 
 
 def test_converted_folder_holds_the_same_model(converted, monkeypatch):
@@ -110,3 +123,37 @@ def test_release_files_are_not_needed(converted, tmp_path, monkeypatch):
 def test_quantized_run_from_a_converted_folder(converted):
     _, model, _ = build_tiny_lynx(converted=converted, quantize="int8")
     assert type(model.LLM.model.layers[0].mlp.up_proj.weight).__name__ == "Int8Tensor"
+
+
+def test_a_run_without_a_dtype_computes_in_the_folders(converted_bf16, in_fixture, caplog):
+    """A bfloat16 folder and no `dtype`: the run is bfloat16, the same model as with `dtype: bfloat16` (cast up to the
+    CPU's float32, its weights would give neither the folder's answers nor the release files')."""
+    with caplog.at_level(logging.INFO, logger="lynx"):
+        _, model, _ = build_tiny_lynx(converted=converted_bf16)
+    assert "dtype bfloat16: the converted folder's own (dtype is unset)" in caplog.text
+    _, reference, _ = build_tiny_lynx(converted=converted_bf16, dtype="bfloat16")
+    assert_same_tensors(model, reference)
+    assert model.dtype == torch.bfloat16
+
+
+def test_a_run_set_to_float32_says_the_folders_precision_stays(converted_bf16, caplog):
+    with caplog.at_level(logging.WARNING, logger="lynx"):
+        _, model, _ = build_tiny_lynx(converted=converted_bf16, dtype="float32")
+    assert model.dtype == torch.float32
+    assert ("holds bfloat16 weights and the config sets dtype: float32: cast up as they are read, they keep "
+            "bfloat16's precision, so the answers are not a float32 run's of the release files (convert again with "
+            "--dtype float32 for those, or leave dtype unset to run in bfloat16)") in caplog.text
+
+
+def test_help_and_a_missing_weight_file_answer_before_torch(tmp_path):
+    """`python -m lynx.convert --help` took 20 s importing torch before parsing its flags."""
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(fixture_config(checkpoint="./data/nope.pt")))
+    code = ("import runpy, sys\n"
+            "sys.argv = ['lynx.convert', *sys.argv[1:]]\n"
+            "try:\n    runpy.run_module('lynx.convert', run_name='__main__')\n"
+            "except SystemExit as stop:\n    print(stop.code, 'torch' in sys.modules)\n")
+    for argv, status in ((["--help"], 0), (["--config", str(tmp_path / "c.yaml"), "--out", str(tmp_path / "o")], 1)):
+        proc = subprocess.run([sys.executable, "-c", code, *argv], cwd=FIXTURE, capture_output=True, text=True,
+                              timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        assert proc.stdout.splitlines()[-1] == f"{status} False", proc.stderr
+    assert proc.stderr.startswith("error: a weight file named by the config is missing")

@@ -246,11 +246,16 @@ def test_the_plan_keeps_images_and_videos_apart(tmp_path):
 
 
 def test_side_files_of_other_settings_are_refused_and_new_ones_waited_for(tmp_path):
+    """With answers, another run's side file is refused; without any (its run stopped or failed before the first)
+    it goes silently; a file of this run's other process, being created now, is left to it."""
     output = str(tmp_path / "answers.jsonl")
-    (tmp_path / "answers.jsonl.rank3.partial.jsonl").write_text("")  # its process is creating it right now
+    rank1, rank3 = (tmp_path / f"answers.jsonl.rank{r}.partial.jsonl" for r in (1, 3))
+    rank1.write_text("")  # its process is creating it right now
+    rank3.write_text('{"fingerprint": "old"}\n')
     ResumableRun(output, Processes(0, 2)).open("abc", overwrite=False)
-    (tmp_path / "answers.jsonl.rank3.partial.jsonl").write_text('{"fingerprint": "old"}\n')
+    assert rank1.exists() and not rank3.exists()  # a run of 2: rank 3's file was left over, with nothing to keep
+    rank3.write_text('{"fingerprint": "old"}\n{"key": [0, 1, "d"], "index": 1, "text_output": "a"}\n')
     with pytest.raises(InputError, match=r"rank3\.partial\.jsonl holds answers of a run with other settings"):
         ResumableRun(output, Processes(0, 2)).open("abc", overwrite=False)
     ResumableRun(output, Processes(0, 2)).open("abc", overwrite=True)
-    assert not (tmp_path / "answers.jsonl.rank3.partial.jsonl").exists()  # a run of 2: rank 3's file was left over
+    assert not rank3.exists()

@@ -1,5 +1,7 @@
-"""Prompt text, token ids, padding and decoding: the original's rules, quirks included."""
+"""Prompt text, token ids, padding and decoding: the original's rules, quirks included; the warning when prompts are
+cut."""
 import json
+import logging
 
 import pytest
 import torch
@@ -142,3 +144,30 @@ def test_numbers_are_formatted_as_the_original_formats_them():
 def test_fields_the_template_does_not_use_are_not_checked():
     assert format_prompt(TEMPLATE, {"question": "Hi", "answer": None, "video": ["x"]}, lower_text=True) == \
         "user: hi\nbot:"
+
+
+@pytest.mark.parametrize("kind", ["images", "videos"])
+def test_prompts_longer_than_max_input_tokens_are_one_warning_naming_the_first(kind, in_fixture, caplog):
+    """Lengths as the original counted them (n_tokens_before_truncation of the fixture's meta files)."""
+    from configs.schema import config_from_dict
+    from conftest import fixture_config
+    from dataset.prompt import warn_cut_prompts
+    from dataset.records import read_jsonl
+    from models.tokenizer import LynxTokenizer
+
+    test_file = f"./data/Open_VQA_{kind}_tiny.jsonl"
+    records = read_jsonl(test_file)
+    metas = {meta["index"]: meta for meta in map(json.loads, open(FIXTURE / "expected" / f"{kind}_meta.jsonl"))}
+    cut = [r for r in records if metas[r.index]["truncated"]]
+    first = metas[cut[0].index]
+    others = {1: "", 2: "; 1 more record is cut too"}[len(cut)]
+    tokenizer = LynxTokenizer.of(config_from_dict(fixture_config()))
+    with caplog.at_level(logging.WARNING, logger="lynx"):
+        warn_cut_prompts(records, config_from_dict(fixture_config()), tokenizer)
+        warn_cut_prompts(records, config_from_dict(fixture_config(max_input_tokens=0)), tokenizer)  # keeps every token
+        warn_cut_prompts(records, config_from_dict(fixture_config(
+            max_input_tokens=first["n_tokens_before_truncation"] + 200)), tokenizer)
+    assert [r.getMessage() for r in caplog.records] == [
+        f"record {cut[0].index} ({test_file}:{cut[0].line}): its prompt is {first['n_tokens_before_truncation']} "
+        f"tokens and max_input_tokens keeps the last 40, as the original did: its beginning is not seen{others} "
+        f"(max_input_tokens: 0 keeps every token)"]

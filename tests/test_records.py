@@ -53,3 +53,29 @@ def test_indices_repeat_across_test_files():
 def test_text_and_number_indices_are_kept_as_written(tmp_path):
     path = write_lines(tmp_path / "test.jsonl", [row("a-1"), row(2)])
     assert [r.index for r in read_jsonl(str(path))] == ["a-1", 2]
+
+
+@pytest.mark.parametrize("text, line, problem", [
+    ('{"index": 1, "image": "images/a.jpg" "question": "q"}\n', 1, "Expecting ',' delimiter (column 38)"),
+    ('{"index": 1, "question": "héllo wörld" "image": "a.jpg"}\n', 1, "Expecting ',' delimiter (column 40)"),
+    ('{"index": 1, "image": "images/a.jpg", "question": "q"\n{"index": 2}\n', 1,
+     "Expecting ',' delimiter (at the end of the line)"),
+    ('{"index": 1, "image": "images/a.jpg",\r\n', 1, "Expecting property name enclosed in double quotes (at the end of "
+                                                     "the line)"),
+])
+def test_bad_json_is_placed_at_its_column_in_characters(tmp_path, text, line, problem):
+    """Each line is parsed without its line break: an error at the end was placed at column 1 of a next line."""
+    path = tmp_path / "test.jsonl"
+    path.write_bytes(text.encode())
+    assert error_of(read_jsonl, path) == f"{path}:{line}: not valid JSON: {problem}"
+    column = problem.partition("(column ")[2].rstrip(")")
+    if column:  # the column points at the character the parser stopped at: the quote a comma should precede
+        assert text.splitlines()[line - 1][int(column) - 1] == '"'
+
+
+def test_a_byte_order_mark_is_skipped(tmp_path):
+    """What an editor saving "UTF-8 with BOM" writes, first in the file and, once such files are joined, inside
+    (evaluate.py's reader is the same function)."""
+    path = tmp_path / "test.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + json.dumps(row(1)).encode() + b"\n\xef\xbb\xbf" + json.dumps(row(2)).encode())
+    assert [r.fields for r in read_jsonl(str(path))] == [row(1), row(2)]

@@ -161,3 +161,41 @@ def test_an_edited_record_is_answered_again_and_the_others_are_kept(tmp_path, mo
     assert generate.main(["--config", str(cfg_path), "--output_path", str(fresh), "--device", "cpu",
                           "--seed", "42"]) == 0
     assert output.read_bytes() == fresh.read_bytes()
+
+
+def test_a_run_that_answered_nothing_does_not_block_the_next_one(tmp_path, in_fixture, capsys):
+    """Every image missing: exit 2, and a side file with a header but no answer. The next run, with other settings,
+    replaces it without a word rather than asking for --overwrite."""
+    rows = read_jsonl(FIXTURE / TEST_FILE)[:3]
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text("".join(json.dumps({**row, "image": "images/missing.jpg"}) + "\n" for row in rows))
+    args = arguments(tmp_path)
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(fixture_config(test_files=[str(broken)])))
+    assert generate.main(args) == generate.EXIT_FAILED_RECORDS
+    assert answered(tmp_path / "answers.jsonl.partial.jsonl") == 0
+    capsys.readouterr()
+
+    prepare(tmp_path)  # another test file, so another fingerprint
+    assert generate.main(args) == 0
+    assert "error" not in capsys.readouterr().err
+    assert (tmp_path / "answers.jsonl").read_bytes() == (FIXTURE / "expected" / "images_greedy.jsonl").read_bytes()
+
+
+@pytest.mark.parametrize("where", ["loading", "first-batch"])
+def test_ctrl_c_before_any_answer_says_so_and_the_next_run_starts(tmp_path, in_fixture, monkeypatch, capsys, where):
+    """Ctrl-C while the model loads or the first batch decodes: the side file holds a header only, so the message
+    does not promise kept answers, and the next run (here with other settings) starts without --overwrite."""
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    args = prepare(tmp_path)
+    with monkeypatch.context() as mp:
+        mp.setattr(LynxPipeline, *("build", interrupt) if where == "loading" else ("answer_batch", interrupt))
+        assert generate.main(args) == 130
+    partial = tmp_path / "answers.jsonl.partial.jsonl"
+    assert partial.exists() and answered(partial) == 0
+    assert capsys.readouterr().err.splitlines()[-1] == ("interrupted before any answer was written; the same command "
+                                                        "starts again")
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(fixture_config(batch_size_test=2)))
+    assert generate.main(args) == 0
+    assert "error" not in capsys.readouterr().err

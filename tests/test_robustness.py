@@ -41,7 +41,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error was found")
 
-    monkeypatch.setattr(LynxPipeline, "from_config", refuse)
+    monkeypatch.setattr(LynxPipeline, "build", refuse)
 
 
 @pytest.fixture

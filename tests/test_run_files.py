@@ -24,7 +24,8 @@ import lynx.resumable
 from configs.schema import config_from_dict
 from lynx.pipeline import LynxPipeline
 from lynx.resumable import run_fingerprint
-from tests.conftest import FIXTURE, ROOT, fixture_config, one_line_error, read_jsonl, run_main
+from models.weight_files import run_dtype
+from tests.conftest import FIXTURE, ROOT, fixture_config, one_line_error, probe_torch, read_jsonl, run_main
 
 IMAGES_JSONL = FIXTURE / "data" / "Open_VQA_images_tiny.jsonl"
 EXPECTED = FIXTURE / "expected" / "images_greedy.jsonl"  # the bytes a run of the fixture config writes
@@ -47,7 +48,7 @@ def no_model(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the model was loaded before the error was found")
 
-    monkeypatch.setattr(LynxPipeline, "from_config", refuse)
+    monkeypatch.setattr(LynxPipeline, "build", refuse)
 
 
 def files_in(folder) -> list[str]:
@@ -97,7 +98,7 @@ def disk_fills(monkeypatch, name_end: str, writes: int = 0, code: int = errno.EN
 def test_disk_full_at_start_leaves_nothing_that_refuses_the_next_run(tmp_path, in_fixture, monkeypatch, capsys):
     with monkeypatch.context() as mp:
         disk_fills(mp, ".partial.jsonl.tmp")
-        mp.setattr(LynxPipeline, "from_config", lambda *a, **k: pytest.fail("loaded after the start failed"))
+        mp.setattr(LynxPipeline, "build", lambda *a, **k: pytest.fail("loaded after the start failed"))
         assert run_main(shipped(), tmp_path) == 1
     partial = tmp_path / "answers.jsonl.partial.jsonl"
     assert one_line_error(capsys) == f"error: cannot write {partial}: No space left on device"
@@ -136,6 +137,18 @@ def test_a_refused_answer_write_is_one_line_and_keeps_the_answers(tmp_path, in_f
     assert asked == list(range(2, 10))
     assert (tmp_path / "answers.jsonl").read_bytes() == EXPECTED.read_bytes()
     assert files_in(tmp_path) == ["answers.jsonl", "config.yaml"]
+
+
+def test_a_refused_first_answer_promises_no_answers(tmp_path, in_fixture, monkeypatch, capsys):
+    """The disk fills on the first answer (half its line written): the side file holds no answer, so the line says
+    nothing is kept, and the same command runs once there is space."""
+    partial = tmp_path / "answers.jsonl.partial.jsonl"
+    with monkeypatch.context() as mp:
+        disk_fills(mp, ".partial.jsonl")
+        assert run_main(fixture_config(batch_size_test=1), tmp_path) == 1
+    assert one_line_error(capsys) == f"error: cannot write {partial}: No space left on device"
+    assert run_main(fixture_config(batch_size_test=1), tmp_path) == 0
+    assert (tmp_path / "answers.jsonl").read_bytes() == EXPECTED.read_bytes()
 
 
 def test_a_refused_final_write_keeps_the_side_file(tmp_path, in_fixture, monkeypatch, capsys):
@@ -223,26 +236,12 @@ def test_the_exit_statuses_are_distinct():
 
 # ---------------------------------------------------------------- before torch is imported
 
-PROBE = """
-import os, runpy, sys
-sys.argv = sys.argv[1:]
-sys.path.insert(0, os.path.dirname(sys.argv[0]))  # as `python generate.py` does
-try:
-    runpy.run_path(sys.argv[0], run_name="__main__")
-except SystemExit as stop:
-    status = stop.code
-print("torch imported" if "torch" in sys.modules else "torch not imported", file=sys.stderr)
-sys.exit(status)
-"""
-
-
 def probe(tmp_path, cfg: dict | None, *argv: str) -> subprocess.CompletedProcess:
     """generate.py in a fresh interpreter that says at exit whether torch was imported."""
     if cfg is not None:
         (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg, sort_keys=False))
         argv = ("--config", str(tmp_path / "config.yaml"), *argv)
-    return subprocess.run([sys.executable, "-c", PROBE, str(ROOT / "generate.py"), *argv], cwd=FIXTURE,
-                          capture_output=True, text=True, timeout=120)
+    return probe_torch(ROOT / "generate.py", *argv)
 
 
 def early_failures(tmp_path) -> dict:
@@ -261,18 +260,60 @@ def early_failures(tmp_path) -> dict:
         "output-folder": (1, shipped(), ("--output_path", str(tmp_path))),
         "output-exists": (1, shipped(), ("--output_path", str(tmp_path / "exists.jsonl"))),
         "weights-missing": (1, shipped(checkpoint="./data/nope.pt"), out),
+        "videos-read-as-images": (1, shipped(test_files=["./data/Open_VQA_videos_tiny.jsonl"]), out),
+        "question-without-media": (64, None, ("--question", "What is it?")),
+        "question-media-missing": (1, shipped(), ("--video", "videos/nope.mp4", "--question", "What is it?")),
+        "question-prompt-fields": (1, shipped(prompt="{question} {answer}"),
+                                   ("--image", "images/img_a.jpg", "--question", "What is it?")),
     }
 
 
 @pytest.mark.parametrize("case", ["help", "usage", "config-missing", "config-key", "config-value",
                                   "test-file-missing", "test-file-empty", "output-is-test-file", "output-folder",
-                                  "output-exists", "weights-missing"])
+                                  "output-exists", "weights-missing", "videos-read-as-images",
+                                  "question-without-media", "question-media-missing", "question-prompt-fields"])
 def test_checks_before_any_loading_answer_without_torch(tmp_path, case):
     status, cfg, argv = early_failures(tmp_path)[case]
     proc = probe(tmp_path, cfg, *argv)
     assert proc.returncode == status, proc.stderr
     assert proc.stderr.splitlines()[-1] == "torch not imported"
     assert "Traceback" not in proc.stderr
+
+
+def test_videos_read_as_images_are_refused_with_the_key_to_change_then_the_fixed_config_runs(tmp_path, in_fixture,
+                                                                                             capsys):
+    """The usual edit half done: test_files pointed at the videos, vision_prompt_dict left at 'image'. Refused before
+    anything loads (the probe above: without torch), naming the key and what fits; then the same command runs."""
+    videos = "./data/Open_VQA_videos_tiny.jsonl"
+    assert run_main(fixture_config(test_files=[videos]), tmp_path) == 1
+    assert one_line_error(capsys) == (f"error: {videos}: vision_prompt_dict is 'image', but none of its records has "
+                                      f"the field 'image'; they have 'video': set vision_prompt_dict: video (or auto, "
+                                      f"which reads each record's own)")
+    assert not (tmp_path / "answers.jsonl").exists()
+    for fixed in ("video", "auto"):
+        assert run_main(fixture_config(test_files=[videos], vision_prompt_dict=fixed), tmp_path, "--overwrite") == 0
+        assert read_jsonl(tmp_path / "answers.jsonl") == read_jsonl(FIXTURE / "expected" / "videos_greedy.jsonl")
+
+
+def test_a_file_with_some_records_of_the_key_goes_on(tmp_path, in_fixture):
+    """Only a file with no record of the configured key is refused: one record without it fails on its own."""
+    lines = IMAGES_JSONL.read_text().splitlines()
+    mixed = tmp_path / "mixed.jsonl"
+    mixed.write_text("\n".join(lines[:2] + [json.dumps({"index": 900, "video": "videos/clip_a.mp4",
+                                                        "question": "q"})]) + "\n")
+    assert run_main(fixture_config(test_files=[str(mixed)]), tmp_path) == generate.EXIT_FAILED_RECORDS
+    assert [row["index"] for row in read_jsonl(tmp_path / "answers.jsonl.errors.jsonl")] == [900]
+
+
+def test_cut_prompts_are_one_warning_before_the_model_loads(tmp_path, in_fixture, monkeypatch, caplog):
+    def interrupt(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(LynxPipeline, "build", interrupt)
+    with caplog.at_level(logging.WARNING, logger="lynx"):
+        assert run_main(fixture_config(), tmp_path) == 130
+    assert [r.getMessage().split(":")[0] for r in caplog.records if "its prompt is" in r.getMessage()] == [
+        "record 42 (./data/Open_VQA_images_tiny.jsonl"]
 
 
 def test_the_probe_sees_torch_once_the_run_gets_that_far(tmp_path):
@@ -288,6 +329,16 @@ def test_the_package_imports_its_torch_free_modules_without_torch():
             "print('torch' in sys.modules); from lynx import LynxPipeline; print('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert proc.stdout.split() == ["False", "True"], proc.stderr
+
+
+def test_importing_the_api_prints_nothing_but_other_pytree_warnings_still_show():
+    """torch logged two deprecation lines when transformers imported torchao (its KernelPreference and
+    ScaleCalculationMode Enums); only those are dropped."""
+    code = ("import logging; from lynx import LynxPipeline; import torchao.quantization; "
+            "logging.getLogger('torch.utils._pytree').warning('another pytree warning')")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0 and proc.stdout == ""
+    assert [line.split("] ", 1)[-1] for line in proc.stderr.splitlines()] == ["another pytree warning"], proc.stderr
 
 
 # ---------------------------------------------------------------- generate.sh
@@ -333,7 +384,7 @@ def fingerprint_of(device="cpu", seed=42, **changes) -> str:
         section, _, name = key.rpartition(".")
         (raw[section] if section else raw)[name] = value
     cfg = config_from_dict(raw)
-    return run_fingerprint(cfg, cfg.resolve_dtype(device), seed)
+    return run_fingerprint(cfg, run_dtype(cfg, device), seed)
 
 
 @pytest.mark.parametrize("key", CHANGES)

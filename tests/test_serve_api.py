@@ -271,7 +271,7 @@ def bad_requests(root, outside) -> list[tuple[str, dict, int, str]]:
         ("a 5,000-character path", dict(body={"messages": image_message("q", "a" * 5000)}), 400,
          "not a usable path (File name too long)"),
         ("undecodable video in the media root", dict(body={"messages": video_message("q", "bad.mp4")}), 400,
-         "cannot decode video: Error reading bad.mp4"),
+         "cannot decode video: not a video file, or a damaged one"),
         ("http URL to this machine", dict(body={"messages": image_message("q", "http://127.0.0.1:9/cat.jpg")}), 403,
          "its host is not a public address"),
         ("http URL to IPv6 loopback", dict(body={"messages": image_message("q", "http://[::1]:9/cat.jpg")}), 403,

@@ -5,6 +5,7 @@ import io
 import itertools
 import json
 import random
+import wave
 from pathlib import Path
 
 import numpy as np
@@ -305,6 +306,7 @@ def _assert_record_error(excinfo, index, path, *words):
         assert str(path) in message
     for word in words:
         assert word in message.lower(), message
+    assert "check failed" not in message.lower() and ".cc:" not in message, message  # decord's C++ text
 
 
 def test_missing_file(tmp_path):
@@ -328,7 +330,7 @@ def test_corrupt_mp4(tmp_path):
     path.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
     with pytest.raises(RecordError) as excinfo:
         load_video_frames(str(path), 5, index=13)
-    _assert_record_error(excinfo, 13, path, "cannot decode")
+    _assert_record_error(excinfo, 13, path, "cannot decode video: not a video file, or a damaged one")
 
 
 def test_truncated_mp4(tmp_path):
@@ -336,7 +338,7 @@ def test_truncated_mp4(tmp_path):
     path.write_bytes((FIXTURE / "videos" / "clip_d.mp4").read_bytes()[:3000])
     with pytest.raises(RecordError) as excinfo:
         load_video_frames(str(path), 5, index=14)
-    _assert_record_error(excinfo, 14, path, "decode")
+    _assert_record_error(excinfo, 14, path, "cannot decode video: not a video file, or a damaged one")
 
 
 def test_video_without_frames(tmp_path):
@@ -345,7 +347,27 @@ def test_video_without_frames(tmp_path):
     assert path.stat().st_size > 0
     with pytest.raises(RecordError) as excinfo:
         load_video_frames(str(path), 5, index=15)
-    _assert_record_error(excinfo, 15, path)
+    _assert_record_error(excinfo, 15, path, "cannot decode video: the file has no video stream (audio only, or not a "
+                                            "video)")
+
+
+def test_audio_file_and_image_given_as_videos(tmp_path):
+    """decord's own words were `Check failed: st_nb >= 0 (-1381258232 vs. 0) ERROR cannot find video stream ...`."""
+    audio = tmp_path / "sound.wav"
+    with wave.open(str(audio), "wb") as out:
+        out.setnchannels(1)
+        out.setsampwidth(2)
+        out.setframerate(8000)
+        out.writeframes(bytes(16000))
+    with pytest.raises(RecordError) as excinfo:
+        load_video_frames(str(audio), 5, index=16)
+    _assert_record_error(excinfo, 16, audio, "cannot decode video: the file has no video stream (audio only, or not a "
+                                             "video)")
+    image = FIXTURE / "images" / "img_a.jpg"
+    with pytest.raises(RecordError) as excinfo:
+        load_video_frames(str(image), 5, index=17)
+    _assert_record_error(excinfo, 17, image, "cannot decode video: its length cannot be read (not a video file, or a "
+                                             "damaged one)")
 
 
 def test_bad_base64_entry_inline():
@@ -400,4 +422,4 @@ def test_video_whose_frames_fail_midway(tmp_path):
     path = write_cut_video(tmp_path, frames=10)
     with pytest.raises(RecordError) as excinfo:
         load_video_frames(str(path), 10, index=21)
-    _assert_record_error(excinfo, 21, path, f"cannot decode frames {list(range(10))} of 10")
+    _assert_record_error(excinfo, 21, path, f"cannot decode frames {list(range(10))} of 10: the file is damaged there")
