@@ -32,8 +32,14 @@ VIDEO_SUFFIX = {"video/mp4": ".mp4", "video/webm": ".webm", "video/x-matroska": 
 @dataclass
 class Media:
     kind: str  # "image" | "video"
-    value: object  # what LynxPipeline.item reads
+    value: object  # what Preparer.item reads
     temporary: str | None = None  # a file of ours to remove
+
+    @property
+    def size(self) -> int:
+        """The bytes held in memory (files count nothing)."""
+        values = self.value if isinstance(self.value, list) else [self.value]
+        return sum(len(v) for v in values if isinstance(v, bytes))
 
     def close(self) -> None:
         if self.temporary is not None:

@@ -19,9 +19,9 @@ from __future__ import annotations
 
 import asyncio
 import ctypes
-import ctypes.util
 import dataclasses
 import json
+import os
 import time
 from dataclasses import dataclass
 
@@ -40,8 +40,8 @@ from server.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChu
 from server.security import Limits
 
 DISCONNECT_POLL_S = 0.1
-LARGE_MEDIA_BYTES = 2**20  # media sent inline above this: the heap is trimmed once they are freed
-LIBC = ctypes.CDLL(ctypes.util.find_library("c"))
+LARGE_MEDIA_BYTES = 2**20  # a request that held more media than this has the heap trimmed once they are freed
+MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if os.name == "posix" else None  # glibc's
 
 
 @dataclass
@@ -54,7 +54,7 @@ class Asked:
     seed: int | None
     stream: bool
     include_usage: bool
-    sent_bytes: int  # the media URLs' length: what the request held before it was prepared
+    media_bytes: int  # what the request's media took before it was prepared: the URLs' text and the bytes read
 
 
 class ChatService:
@@ -98,12 +98,14 @@ class ChatService:
         so that every answer is the request's own. Left padding (the default) changes no answer."""
         return None if self.pipeline.cfg.use_left_pad else prompt_tokens
 
-    def prepare(self, question: str, images: list, videos: list) -> tuple[str, object]:
-        """(media kind, Item) of a request, on a worker thread: the media located, then the prompt tokenized and
-        the media read into pixels by the pipeline, once. A temporary video file is removed once read."""
+    def prepare(self, question: str, images: list, videos: list) -> tuple[str, Item, int]:
+        """(media kind, Item, bytes of media read) of a request, on a worker thread: the media located, then the
+        prompt tokenized and the media read into pixels by the pipeline, once. A temporary video file is removed
+        once read."""
         media = load_media(images, videos, self.limits)
         try:
-            return media.kind, self.preparer.item(0, media.value, media.kind, {"question": question}, index=0)
+            item = self.preparer.item(0, media.value, media.kind, {"question": question}, index=0)
+            return media.kind, item, media.size
         except RecordError as err:
             parts = images + videos
             param = parts[0][1] if len(parts) == 1 else parts[0][1].rsplit(".", 2)[0]  # the part, or the message
@@ -116,15 +118,15 @@ class ChatService:
         the request, its base64 text and its decoded media are let go on return."""
         question, images, videos = conversation(request)
         settings = self.settings(request)
-        kind, item = await run_in_threadpool(self.prepare, question, images, videos)
+        kind, item, read = await run_in_threadpool(self.prepare, question, images, videos)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
-        sent = sum(len(url) for url, _ in images + videos)
-        return Asked(kind, item, settings, request.seed, bool(request.stream), include_usage, sent)
+        held = read + sum(len(url) for url, _ in images + videos)
+        return Asked(kind, item, settings, request.seed, bool(request.stream), include_usage, held)
 
     async def answer(self, asked: Asked, http: Request) -> tuple[Answer, int]:
         """(answer, prompt tokens) of a request made ready; waits for the engine, gives up on a client that left."""
         item = asked.item
-        if asked.sent_bytes > LARGE_MEDIA_BYTES:
+        if asked.media_bytes > LARGE_MEDIA_BYTES:
             await run_in_threadpool(give_back_memory)
         try:
             future = self.engine.submit(Work(item, asked.kind, asked.settings, asked.seed,
@@ -204,6 +206,5 @@ def give_back_memory() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim). A large request's body, base64 text and
     decoded images are freed once it is prepared, but glibc keeps freed blocks of up to 32 MB in its heaps, where
     they would count in the process's memory while the request waits (and after). No-op without glibc."""
-    trim = getattr(LIBC, "malloc_trim", None)
-    if trim is not None:
-        trim(0)
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)
