@@ -170,12 +170,15 @@ def test_a_request_cannot_hurt_the_server(other):
 
     poller = threading.Thread(target=poll_health)
     poller.start()
+    started = time.monotonic()
     try:
         status, _, body = srv.chat(messages=image_message("why " * 1_250_000, data_url(root / record["image"])))
     finally:
+        refused_in = time.monotonic() - started
         done.set()
         poller.join()
     assert status == 400 and "--max-question-bytes" in body["error"]["message"], body
+    assert refused_in < 3, refused_in  # parsed and checked, never tokenized
     assert body["error"]["param"] == "messages.0.content"
     assert latencies and max(latencies) < 1.5, max(latencies)
 
