@@ -22,6 +22,7 @@ from pathlib import Path
 
 from configs.decoding import request_limits
 from configs.schema import load_config
+from dataset.images import MAX_IMAGE_PIXELS
 from errors import InputError
 from models.weight_files import check_weight_files
 from server.fetch import Fetcher
@@ -56,7 +57,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="most requests waiting or being answered; more get 503 with Retry-After")
     p.add_argument("--request-timeout", type=float, default=600.0, help="seconds before a request gets 504")
     p.add_argument("--max-body-mb", type=float, default=64.0, help="largest request body (413 above)")
-    p.add_argument("--max-images", type=int, default=32, help="most image/video parts in one message")
+    p.add_argument("--max-images", type=int, default=32,
+                   help="most image/video parts in one message, and most frames in a .json frame-list video")
+    p.add_argument("--max-question-bytes", type=int, default=64 * 2**10,
+                   help="largest question (the text of the last message, UTF-8), checked before it is tokenized")
+    p.add_argument("--max-pixels", type=int, default=4096 * 4096,
+                   help=f"largest image or frame (width x height), read from its header before it is decoded; at "
+                        f"most PIL's limit, {MAX_IMAGE_PIXELS}, which generate.py applies")
     for field, limit in request_limits().items():  # --max-tokens-limit, --num-beams-limit, --top-k-limit
         p.add_argument(f"--{field.replace('_', '-')}-limit", type=int, default=limit,
                        help=f"largest {field} a request may ask (default: %(default)s)")
@@ -75,14 +82,16 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def limits_of(args) -> Limits:
     decoding = {field: getattr(args, f"{field}_limit") for field in request_limits()}
-    for name in ("batch_size", "queue_size", "max_images", *(f"{field}_limit" for field in decoding),
-                 "url_fetch_workers"):
+    for name in ("batch_size", "queue_size", "max_images", "max_question_bytes", "max_pixels",
+                 *(f"{field}_limit" for field in decoding), "url_fetch_workers"):
         value = getattr(args, name)
         if value is not None and value < 1:
             raise InputError(f"--{name.replace('_', '-')} must be at least 1, got {value}")
     for name in ("batch_window_ms", "request_timeout", "max_body_mb", "url_timeout"):
         if not getattr(args, name) >= 0:
             raise InputError(f"--{name.replace('_', '-')} must be 0 or more, got {getattr(args, name)}")
+    if args.max_pixels > MAX_IMAGE_PIXELS:
+        raise InputError(f"--max-pixels must be at most {MAX_IMAGE_PIXELS} (PIL's limit), got {args.max_pixels}")
     root = None
     if args.media_root is not None:
         root = Path(args.media_root).resolve()
@@ -97,7 +106,7 @@ def limits_of(args) -> Limits:
     if args.allow_http_urls:
         fetcher = Fetcher(args.url_timeout, args.url_fetch_workers, max_body_bytes, args.allow_private_urls)
     return Limits(max_body_bytes=max_body_bytes, max_images=args.max_images,
-                  decoding=decoding, queue_size=args.queue_size, request_timeout=args.request_timeout,
+                  max_question_bytes=args.max_question_bytes, max_pixels=args.max_pixels, decoding=decoding, queue_size=args.queue_size, request_timeout=args.request_timeout,
                   media_root=root, fetcher=fetcher, api_key=args.api_key, allowed_hosts=allowed_hosts(args, loopback),
                   cors_origins=tuple(args.cors_origins))
 

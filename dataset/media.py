@@ -84,12 +84,6 @@ def load_pixels(value, kind: str | None, options: MediaOptions, index=None,
         raise ValueError(f"media kind must be 'image' or 'video', got {kind!r}")
     if isinstance(value, Image.Image):
         value = [value]  # one image as a one-frame video, like a .json file holding one base64 image
-    frames = load_video_frames(value, options.num_frames, options.frame_sampling, rng=rng, index=index,
-                               max_pixels=options.max_pixels)
-    return pixels_of_frames(frames, options.transform)
-
-
-def pixels_of_frames(frames: list[Image.Image], transform) -> torch.Tensor:
-    """(F, 3, H, W) from RGB frames."""
-    return torch.stack([transform(frame) for frame in frames])
+    return torch.stack(load_video_frames(value, options.num_frames, options.frame_sampling, rng=rng, index=index,
+                                         max_pixels=options.max_pixels, transform=options.transform))
 

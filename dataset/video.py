@@ -73,15 +73,19 @@ def sample_frame_indices(num_source_frames, num_frames, sampling="uniform", rng=
     return ids
 
 
-def load_video_frames(spec, num_frames, sampling="uniform", rng=None, index=None, max_pixels=MAX_IMAGE_PIXELS):
-    """Decode the sampled frames of a record's `video` value into num_frames PIL RGB images.
+def load_video_frames(spec, num_frames, sampling="uniform", rng=None, index=None, max_pixels=MAX_IMAGE_PIXELS,
+                      transform=None):
+    """Decode the sampled frames of a record's `video` value into num_frames PIL RGB images, or, given a
+    `transform`, into what it makes of each, applied as soon as the frame is decoded (so that a list or .json file
+    of large frames holds one of them at full size at a time).
 
     Anything wrong with the media (missing or empty file, undecodable video, bad base64 or JSON, a frame
     that is not an image or is larger than max_pixels) raises RecordError naming the record index and the
     file, so the caller can report it and go on with the other records.
     """
+    transform = transform or _as_is
     if isinstance(spec, (list, tuple)):
-        return _frames_from_list(list(spec), num_frames, sampling, rng, index, None, max_pixels)
+        return _frames_from_list(list(spec), num_frames, sampling, rng, index, None, max_pixels, transform)
     if not isinstance(spec, (str, os.PathLike)):
         raise RecordError(index, f"video must be a path or a list of base64 frames, got {type(spec).__name__}")
 
@@ -93,11 +97,15 @@ def load_video_frames(spec, num_frames, sampling="uniform", rng=None, index=None
     if os.path.getsize(path) == 0:
         raise RecordError(index, "video file is empty (0 bytes)", path)
     if path.lower().endswith(".json"):
-        return _frames_from_json_file(path, num_frames, sampling, rng, index, max_pixels)
-    return _frames_from_container(path, num_frames, sampling, rng, index)
+        return _frames_from_json_file(path, num_frames, sampling, rng, index, max_pixels, transform)
+    return _frames_from_container(path, num_frames, sampling, rng, index, transform)
 
 
-def _frames_from_container(path, num_frames, sampling, rng, index):
+def _as_is(image):
+    return image
+
+
+def _frames_from_container(path, num_frames, sampling, rng, index, transform):
     """Read only the sampled frames of a video file with decord (RGB24, as the reference fixture was made)."""
     import decord
 
@@ -115,10 +123,10 @@ def _frames_from_container(path, num_frames, sampling, rng, index):
         batch = reader.get_batch(ids).asnumpy()
     except Exception as exc:
         raise RecordError(index, f"cannot decode frames {ids} of {count}: {_decord_problem(exc)}", path) from exc
-    return [Image.fromarray(frame).convert("RGB") for frame in batch]
+    return [transform(Image.fromarray(frame).convert("RGB")) for frame in batch]
 
 
-def _frames_from_json_file(path, num_frames, sampling, rng, index, max_pixels):
+def _frames_from_json_file(path, num_frames, sampling, rng, index, max_pixels, transform):
     """A .json file holds a list of base64 frames, or one base64 image used as a one-frame video."""
     try:
         with open(path, encoding="utf-8") as f:
@@ -131,10 +139,10 @@ def _frames_from_json_file(path, num_frames, sampling, rng, index, max_pixels):
         raise RecordError(
             index, f"JSON must hold a list of base64 frames or one base64 string, got {type(content).__name__}", path
         )
-    return _frames_from_list(content, num_frames, sampling, rng, index, path, max_pixels)
+    return _frames_from_list(content, num_frames, sampling, rng, index, path, max_pixels, transform)
 
 
-def _frames_from_list(frames, num_frames, sampling, rng, index, path, max_pixels):
+def _frames_from_list(frames, num_frames, sampling, rng, index, path, max_pixels, transform):
     """Frames given one by one (base64 strings, PIL images, or the bytes or path (a Path) of image files): only the
     sampled ones are decoded."""
     if not frames:
@@ -142,7 +150,7 @@ def _frames_from_list(frames, num_frames, sampling, rng, index, path, max_pixels
     ids = sample_frame_indices(len(frames), num_frames, sampling, rng)
     decoded = {}
     for i in sorted(set(ids)):
-        decoded[i] = _frame(frames[i], i, index, path, max_pixels)
+        decoded[i] = transform(_frame(frames[i], i, index, path, max_pixels))
     return [decoded[i] for i in ids]
 
 

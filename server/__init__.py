@@ -1,8 +1,9 @@
 """Lynx as a service, in layers (imports point down):
 
-    routes.py     HTTP: parse, check, translate (FastAPI router; the page at GET /)
+    routes.py     HTTP: parse and check (on a worker thread), translate (FastAPI router; the page at GET /)
     serving.py    a chat request -> question, media, decoding settings -> an Item -> the engine -> the OpenAI response
-    media.py      image/video parts -> what LynxPipeline.item reads (located, not decoded; on a worker thread)
+    media.py      image/video parts -> what the pipeline's Preparer reads (located, sizes checked from headers, not
+                  decoded; on a worker thread)
     security.py   the edge: Host, API key, JSON bodies, body size, limits, which media URLs and paths are allowed
     fetch.py      http(s) media URLs: one deadline, its own pool, public addresses only (--allow-http-urls)
     metrics.py    Prometheus metrics for GET /metrics

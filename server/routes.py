@@ -8,6 +8,7 @@ from pathlib import Path
 from fastapi import APIRouter, Depends, Request
 from fastapi.responses import FileResponse, JSONResponse, Response, StreamingResponse
 from pydantic import ValidationError
+from starlette.concurrency import run_in_threadpool
 
 from server.errors import APIError, validation_message
 from server.metrics import CONTENT_TYPE
@@ -74,10 +75,32 @@ async def model(model_id: str, request: Request):
 
 @router.post("/v1/chat/completions", dependencies=[Depends(authorized)])
 async def chat_completions(request: Request):
+    """The body is read, parsed, validated and checked on a worker thread (a large body takes the event loop no
+    time), then made into an `Asked`: from there on the request holds its prompt ids and its pixels at the model's
+    size, not its body, its base64 text or its decoded images, while it waits for the engine."""
     started = time.monotonic()
     check_json(request)
     service = ready(request)
-    body = await request.body()
+    asked = await service.ask(await run_in_threadpool(parse, await body_of(request), state(request)))
+    completion = await service.complete(asked, request)
+    usage = completion.usage
+    state(request).metrics.answered(time.monotonic() - started, usage.prompt_tokens, usage.completion_tokens)
+    if not asked.stream:
+        return JSONResponse(completion.model_dump())
+    return StreamingResponse(iter(service.chunks(completion, asked.include_usage)), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache"})
+
+
+async def body_of(request: Request) -> bytearray:
+    """The body, without the copy that `Request.body()` keeps on the request for as long as it waits."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+    return body
+
+
+def parse(body: bytearray, lynx) -> ChatCompletionRequest:
+    """The checked chat request of a body (on a worker thread), or APIError."""
     try:
         raw = json.loads(body)
     except (json.JSONDecodeError, UnicodeDecodeError) as err:
@@ -91,20 +114,14 @@ async def chat_completions(request: Request):
     except ValidationError as err:
         message, param = validation_message(err)
         raise APIError(400, message, param) from None
-    check(chat, state(request))
-    completion = await service.complete(chat, request)
-    usage = completion.usage
-    state(request).metrics.answered(time.monotonic() - started, usage.prompt_tokens, usage.completion_tokens)
-    if not chat.stream:
-        return JSONResponse(completion.model_dump())
-    include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-    return StreamingResponse(iter(service.chunks(completion, include_usage)), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    check(chat, lynx)
+    return chat
 
 
 def check(chat: ChatCompletionRequest, lynx) -> None:
     """What the schema cannot say: the model's name, n, text the tokenizer can take, unsupported fields, the
-    server's limits of media (those of decoding: serving.ChatService.settings)."""
+    server's limits of the question's bytes and of images per message (those of media: server/media.py; of
+    decoding: serving.ChatService.settings)."""
     if chat.model is not None and chat.model != lynx.model_name:
         raise APIError(404, f"the model {chat.model[:100]!r} does not exist here; this server serves "
                             f"{lynx.model_name!r}", "model", "model_not_found")
@@ -115,21 +132,25 @@ def check(chat: ChatCompletionRequest, lynx) -> None:
         raise APIError(400, f"'{name}' is not supported by Lynx; leave it out", name)
     limits = lynx.limits
     for i, message in enumerate(chat.messages):
+        size = 0  # the UTF-8 bytes of the message's text: the last message's is the question
         for j, part in enumerate(message.parts()):
-            if part.type == "text" and not is_unicode(part.text):
+            if part.type == "text":
                 where = f"messages.{i}.content" + (f".{j}.text" if isinstance(message.content, list) else "")
-                raise APIError(400, f"{where}: the text is not valid Unicode (it holds a lone surrogate, such as "
-                                    f"\\ud800 in JSON)", where)
+                size += utf8_size(part.text, where)
+        if i == len(chat.messages) - 1 and size > limits.max_question_bytes:
+            raise APIError(400, f"the question is {size} bytes (UTF-8), over the server's limit of "
+                                f"{limits.max_question_bytes} (--max-question-bytes)", f"messages.{i}.content")
         media = sum(1 for p in message.parts() if p.type in ("image_url", "video_url"))
         if media > limits.max_images:
             raise APIError(400, f"{media} images in one message, over the server's limit of {limits.max_images} "
                                 f"(--max-images)", f"messages.{i}.content")
 
 
-def is_unicode(text: str) -> bool:
-    """False for a string JSON may hold but UTF-8 cannot: one with a lone surrogate ("\\ud800")."""
+def utf8_size(text: str, where: str) -> int:
+    """The UTF-8 bytes of a text part; 400 for a string JSON may hold but UTF-8 cannot: one with a lone surrogate
+    ("\\ud800")."""
     try:
-        text.encode("utf-8")
+        return len(text.encode("utf-8"))
     except UnicodeEncodeError:
-        return False
-    return True
+        raise APIError(400, f"{where}: the text is not valid Unicode (it holds a lone surrogate, such as \\ud800 "
+                            f"in JSON)", where) from None

@@ -5,8 +5,8 @@
   to resolve to 127.0.0.1 (DNS rebinding) cannot read its answers.
 - `--api-key`: every request but the page, /health and /metrics needs `Authorization: Bearer KEY` (401 otherwise).
 - Bodies are `application/json` (415 otherwise: a browser posts `text/plain` to any site without asking first);
-  body size (413), images per request and what a request's decoding may cost (400, `decoding`: max_tokens,
-  num_beams, top_k): limits checked before any work is done.
+  body size (413), the question's bytes, images (or frames) per request, pixels per image and what a request's
+  decoding may cost (400, `decoding`: max_tokens, num_beams, top_k): limits checked before the work they bound.
 - Media: `data:` URLs always; `file://` URLs and plain paths only with `--media-root DIR`, and only when the path,
   symlinks followed and `..` resolved, lies inside DIR (403 otherwise); http(s) URLs only with
   `--allow-http-urls` (403 otherwise), fetched by server/fetch.py.
@@ -33,7 +33,9 @@ LOOPBACK_NAMES = frozenset({"localhost", "127.0.0.1", "::1"})
 @dataclass(frozen=True)
 class Limits:
     max_body_bytes: int = 64 * 2**20
-    max_images: int = 32
+    max_images: int = 32  # image_url parts in one message; frames in a .json frame list
+    max_question_bytes: int = 64 * 2**10  # UTF-8 bytes of the question's text
+    max_pixels: int = 4096 * 4096  # width x height of one image or frame, read from its header
     decoding: dict = field(default_factory=request_limits)  # {request field: the largest value a request may ask}
     queue_size: int = 256
     request_timeout: float = 600.0

@@ -6,7 +6,8 @@ of the last message, which must be the user's (several text parts are joined by 
 image/video parts of that message or, when it has none, of the latest earlier user message that has some. Other
 turns (system prompts, earlier questions, the assistant's answers) are not shown to the model. The question fills
 the config's `prompt` as `{question}`, exactly as generate.py fills it from a record, and is tokenized with the
-media read, once, on a worker thread (`prepare`).
+media read, once, on a worker thread (`prepare`). What waits for the engine (`Asked`) holds the prompt's ids and the
+pixels at the model's size, never the request itself (its base64 text) or the images as sent.
 
 Decoding: the config's, changed by the request's fields, one per decoding option (configs/decoding.py).
 `max_tokens` (or `max_completion_tokens`) is `max_new_tokens`; `temperature: 0` turns sampling off (beam search
@@ -17,14 +18,18 @@ other options (`top_p`, and Lynx's own `num_beams`, `top_k`, `length_penalty`, .
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import dataclasses
 import json
+import os
 import time
+from dataclasses import dataclass
 
 from fastapi import Request
 from starlette.concurrency import run_in_threadpool
 
 from configs.decoding import request_fields
+from dataset.batching import Item, Preparer
 from errors import InputError, RecordError
 from lynx.pipeline import Answer, OutOfMemory
 from server.engine import Engine, QueueFull, Work
@@ -35,12 +40,31 @@ from server.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChu
 from server.security import Limits
 
 DISCONNECT_POLL_S = 0.1
+LARGE_MEDIA_BYTES = 2**20  # a request that held more media than this has the heap trimmed once they are freed
+MALLOC_TRIM = getattr(ctypes.CDLL(None), "malloc_trim", None) if os.name == "posix" else None  # glibc's
+
+
+@dataclass
+class Asked:
+    """A request made ready for the engine: what it needs and how to reply, nothing of the request as sent."""
+
+    kind: str
+    item: Item
+    settings: object  # DecodingSettings
+    seed: int | None
+    stream: bool
+    include_usage: bool
+    media_bytes: int  # what the request's media took before it was prepared: the URLs' text and the bytes read
 
 
 class ChatService:
     def __init__(self, pipeline, engine: Engine, limits: Limits, model_name: str):
         self.pipeline, self.engine, self.limits, self.model_name = pipeline, engine, limits, model_name
         self.visual_tokens = pipeline.cfg.num_bridge_tokens
+        # The pipeline's rules with the server's pixel limit, also for what server/media.py cannot see (the frames
+        # of a .json file in the media root).
+        self.preparer = Preparer(pipeline.cfg, pipeline.tokenizer,
+                                 dataclasses.replace(pipeline.prepare.media, max_pixels=limits.max_pixels))
 
     def settings(self, request: ChatCompletionRequest):
         """The config's decoding with the request's changes, checked: 400 naming the field, for a value the settings
@@ -74,12 +98,14 @@ class ChatService:
         so that every answer is the request's own. Left padding (the default) changes no answer."""
         return None if self.pipeline.cfg.use_left_pad else prompt_tokens
 
-    def prepare(self, question: str, images: list, videos: list) -> tuple[str, object]:
-        """(media kind, Item) of a request, on a worker thread: the media located, then the prompt tokenized and
-        the media read into pixels by the pipeline, once. A temporary video file is removed once read."""
+    def prepare(self, question: str, images: list, videos: list) -> tuple[str, Item, int]:
+        """(media kind, Item, bytes of media read) of a request, on a worker thread: the media located, then the
+        prompt tokenized and the media read into pixels by the pipeline, once. A temporary video file is removed
+        once read."""
         media = load_media(images, videos, self.limits)
         try:
-            return media.kind, self.pipeline.item(media.value, question, media.kind)
+            item = self.preparer.item(0, media.value, media.kind, {"question": question}, index=0)
+            return media.kind, item, media.size
         except RecordError as err:
             parts = images + videos
             param = parts[0][1] if len(parts) == 1 else parts[0][1].rsplit(".", 2)[0]  # the part, or the message
@@ -87,13 +113,24 @@ class ChatService:
         finally:
             media.close()
 
-    async def answer(self, request: ChatCompletionRequest, http: Request) -> tuple[Answer, int]:
-        """(answer, prompt tokens) of a checked request; waits for the engine, gives up on a client that left."""
+    async def ask(self, request: ChatCompletionRequest) -> Asked:
+        """A checked request made ready (the decoding settings, the prompt and media prepared on a worker thread);
+        the request, its base64 text and its decoded media are let go on return."""
         question, images, videos = conversation(request)
         settings = self.settings(request)
-        kind, item = await run_in_threadpool(self.prepare, question, images, videos)
+        kind, item, read = await run_in_threadpool(self.prepare, question, images, videos)
+        include_usage = bool(request.stream_options and request.stream_options.include_usage)
+        held = read + sum(len(url) for url, _ in images + videos)
+        return Asked(kind, item, settings, request.seed, bool(request.stream), include_usage, held)
+
+    async def answer(self, asked: Asked, http: Request) -> tuple[Answer, int]:
+        """(answer, prompt tokens) of a request made ready; waits for the engine, gives up on a client that left."""
+        item = asked.item
+        if asked.media_bytes > LARGE_MEDIA_BYTES:
+            await run_in_threadpool(give_back_memory)
         try:
-            future = self.engine.submit(Work(item, kind, settings, request.seed, self.shape(len(item.input_ids))))
+            future = self.engine.submit(Work(item, asked.kind, asked.settings, asked.seed,
+                                             self.shape(len(item.input_ids))))
         except QueueFull:
             raise APIError(503, f"the server is busy: {self.limits.queue_size} requests are waiting or being "
                                 f"answered (--queue-size); try again shortly", code="queue_full",
@@ -124,8 +161,8 @@ class ChatService:
         return Usage(prompt_tokens=prompt_tokens, completion_tokens=len(answer.ids),
                      total_tokens=prompt_tokens + len(answer.ids))
 
-    async def complete(self, request: ChatCompletionRequest, http: Request) -> ChatCompletion:
-        answer, prompt_tokens = await self.answer(request, http)
+    async def complete(self, asked: Asked, http: Request) -> ChatCompletion:
+        answer, prompt_tokens = await self.answer(asked, http)
         return ChatCompletion(model=self.model_name, usage=self.usage(prompt_tokens, answer), choices=[
             Choice(message=AssistantMessage(content=answer.text), finish_reason=answer.finish)])
 
@@ -163,3 +200,11 @@ def conversation(request: ChatCompletionRequest) -> tuple[str, list, list]:
         if images or videos:
             return question, images, videos
     return question, [], []
+
+
+def give_back_memory() -> None:
+    """Give the heap's free pages back to the system (glibc's malloc_trim). A large request's body, base64 text and
+    decoded images are freed once it is prepared, but glibc keeps freed blocks of up to 32 MB in its heaps, where
+    they would count in the process's memory while the request waits (and after). No-op without glibc."""
+    if MALLOC_TRIM is not None:
+        MALLOC_TRIM(0)

@@ -118,12 +118,23 @@ class Server:
             return status, head, text
 
     def raw(self, data: bytes, timeout: float = 60):
-        """Send raw bytes (a request that may stop halfway), then read the reply: (status, parsed JSON body)."""
+        """Send raw bytes (a request that may stop halfway), then read the reply: (status, parsed JSON body). None
+        when the connection was reset before any reply came: a server that answers a body over its limit closes
+        the connection with request bytes unread, and the system then resets it, which may drop the answer."""
+        reply = b""
         with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
-            sock.sendall(data)
-            reply = b""
-            while chunk := sock.recv(65536):
-                reply += chunk
+            try:
+                sock.sendall(data)
+                while chunk := sock.recv(65536):
+                    reply += chunk
+            except (BrokenPipeError, ConnectionResetError):
+                try:  # what came before the reset
+                    while chunk := sock.recv(65536):
+                        reply += chunk
+                except OSError:
+                    pass
+        if not reply:
+            return None
         head, _, body = reply.partition(b"\r\n\r\n")
         status = int(head.split()[1])
         if b"transfer-encoding: chunked" in head.lower():

@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from configs.decoding import DecodingSettings
+from dataset.media import MediaOptions
 from lynx.pipeline import Answer, OutOfMemory
 from server.engine import Engine, QueueFull, Work
 
@@ -160,6 +161,8 @@ class CrashingPipeline(FakePipeline):
     cfg = SimpleNamespace(batch_size_test=4, prompt="{question}", lower_text=False, max_input_tokens=40,
                           num_bridge_tokens=32, use_left_pad=True)
     device = "cpu"
+    tokenizer = None
+    prepare = SimpleNamespace(media=MediaOptions(transform=None))
 
     def answer_items(self, items, settings=None, seed=None):
         if any(item.endswith(":crash") for item in items):

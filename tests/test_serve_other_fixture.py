@@ -4,12 +4,18 @@ prompt template, right padding, no lower-casing), answers over HTTP equal genera
 
 This fixture pads on the right, where (as in the original) a padded row's answer depends on the longer rows of its
 batch, so generate.py answers each record alone here (`batch_size_test: 1`): that is the answer a request gets,
-whatever the server batches it with (it batches only prompts of equal length then)."""
+whatever the server batches it with (it batches only prompts of equal length then).
+
+The checklist of a server that one request cannot hurt runs here too, on a model the server's code was not tuned
+on: costly or malformed requests are refused at once while /health keeps answering, a request's media held while
+it waits are its pixels at the model's size, and the answers stay generate.py's."""
 from __future__ import annotations
 
 import base64
+import io
 import json
 import signal
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -20,6 +26,7 @@ from random_fixture import config, write_random_fixture
 from serve_helpers import MediaWeb, Server, answer_of, data_url, image_message, video_message
 
 FETCH_WORKERS = 8  # serve.py's default --url-fetch-workers
+FRAMES = 64  # image_url frames of the big request: --max-images is raised to take them
 
 
 def messages_of(root, record: dict) -> list[dict]:
@@ -48,7 +55,7 @@ def other(tmp_path_factory):
         answers = {r["index"]: r["text_output"] for r in read_jsonl(out / "answers.jsonl")}
         asked += [(r, answers[r["index"]]) for r in read_jsonl(root / "data" / f"Open_VQA_{kind}_tiny.jsonl")]
     srv = Server(config(root), root, "--batch-size", "3", "--batch-window-ms", "50", "--allow-http-urls",
-                 "--allow-private-urls", cwd=root)
+                 "--allow-private-urls", "--max-images", str(FRAMES), "--max-body-mb", "100", cwd=root)
     try:
         srv.wait_ready()
         yield root, asked, srv
@@ -131,3 +138,109 @@ def test_slow_urls_do_not_hold_up_other_requests(other):
         assert [(status, answer_of(body)) for status, _, body in fetched] == [(200, want)] * FETCH_WORKERS
     finally:
         web.close()
+
+
+def answers_still_generates(root, asked, srv) -> None:
+    for record, want in asked:
+        status, _, body = srv.chat(messages=messages_of(root, record))
+        assert status == 200 and answer_of(body) == want, (record["index"], body)
+
+
+def test_a_request_cannot_hurt_the_server(other):
+    """Refused quickly, by name: a huge num_beams, a 5 MB question (while /health answers within 1.5 s), deeply
+    nested JSON, a lone surrogate, a text/plain body, a foreign Host. Answered as OpenAI's clients mean them:
+    top_p 0 and n null (the config's greedy answer); max_tokens bounds the usage; /metrics is served. Then the
+    answers are still generate.py's."""
+    root, asked, srv = other
+    record, want = asked[0]
+    ok = messages_of(root, record)
+    started = time.monotonic()
+    status, _, body = srv.chat(messages=ok, num_beams=10000, temperature=0)
+    assert time.monotonic() - started < 1 and status == 400 and body["error"]["param"] == "num_beams"
+    assert "--num-beams-limit" in body["error"]["message"]
+
+    latencies, done = [], threading.Event()
+
+    def poll_health():
+        while not done.is_set():
+            began = time.monotonic()
+            assert srv.request("GET", "/health")[0] == 200
+            latencies.append(time.monotonic() - began)
+            time.sleep(0.02)
+
+    poller = threading.Thread(target=poll_health)
+    poller.start()
+    started = time.monotonic()
+    try:
+        status, _, body = srv.chat(messages=image_message("why " * 1_250_000, data_url(root / record["image"])))
+    finally:
+        refused_in = time.monotonic() - started
+        done.set()
+        poller.join()
+    assert status == 400 and "--max-question-bytes" in body["error"]["message"], body
+    assert refused_in < 3, refused_in  # parsed and checked, never tokenized
+    assert body["error"]["param"] == "messages.0.content"
+    assert latencies and max(latencies) < 1.5, max(latencies)
+
+    text = json.dumps({"messages": ok})
+    for raw, headers, got in [
+            (b'{"messages": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", {}, 400),
+            (text.replace(record["question"], "\\ud800", 1).encode(), {}, 400),
+            (text.encode(), {"Content-Type": "text/plain"}, 415),
+            (text.encode(), {"Host": "attacker.example"}, 421)]:
+        status, _, body = srv.request("POST", "/v1/chat/completions", raw, headers=headers)
+        assert status == got and body["error"]["message"], body
+
+    for fields in ({"top_p": 0}, {"n": None}):
+        status, _, body = srv.chat(messages=ok, **fields)
+        assert status == 200 and answer_of(body) == want, (fields, body)
+    for max_tokens in (1, 2, 5):
+        status, _, body = srv.chat(messages=ok, max_tokens=max_tokens, min_length=max_tokens + 1)
+        assert status == 200 and body["usage"]["completion_tokens"] <= max_tokens, body
+    status, head, page = srv.request("GET", "/metrics")
+    assert status == 200 and "lynx_ready 1.0" in page
+    answers_still_generates(root, asked, srv)
+    assert "Traceback" not in srv.log()
+
+
+def rss_bytes(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmRSS:"))
+
+
+def noise_jpeg_urls(count: int) -> list[str]:
+    """`count` data URLs of 4000 x 3000 JPEGs of noise (four distinct ones in turn), each about 0.8 MB."""
+    import numpy as np
+    from PIL import Image
+
+    rng, urls = np.random.default_rng(0), []
+    for _ in range(4):
+        out = io.BytesIO()
+        Image.fromarray(rng.integers(0, 256, (3000, 4000, 3), dtype=np.uint8)).save(out, format="JPEG", quality=5)
+        urls.append("data:image/jpeg;base64," + base64.b64encode(out.getvalue()).decode())
+    return [urls[i % 4] for i in range(count)]
+
+
+def test_a_waiting_request_holds_its_pixels_not_its_body(other):
+    """64 frames of 4000 x 3000 (a 66 MB body; 2.3 GB once decoded) wait in the queue behind a long request: the
+    server's resident memory grows by at most 200 MB, and by less than the body, since what waits is the sampled
+    frames at the model's size (the body, the base64 text and the decoded frames are freed, and their memory given
+    back, once prepared). The long request's own beams count in the growth too."""
+    root, asked, srv = other
+    record, want = asked[0]
+    big = json.dumps({"messages": image_message(record["question"], *noise_jpeg_urls(FRAMES))}).encode()
+    hold = dict(messages=messages_of(root, record), max_tokens=1024, min_length=1024, num_beams=10, temperature=0)
+    with ThreadPoolExecutor(2) as pool:
+        held = pool.submit(srv.chat, **hold)
+        while srv.request("GET", "/health")[2]["running"] == 0 and not held.done():
+            time.sleep(0.01)
+        before = rss_bytes(srv.process.pid)
+        waiting = pool.submit(srv.request, "POST", "/v1/chat/completions", big)
+        while srv.request("GET", "/health")[2]["queued"] == 0 and not waiting.done():
+            time.sleep(0.01)
+        assert not held.done(), "the long request ended before the big one was queued"
+        grown = rss_bytes(srv.process.pid) - before
+        status, _, body = waiting.result()
+        assert held.result()[0] == 200
+    assert status == 200 and body["choices"][0]["message"]["content"], body
+    assert grown <= min(200 * 2**20, len(big)), f"resident memory grew by {grown / 2**20:.0f} MB"

@@ -1,5 +1,6 @@
-"""serve.py's start-up: a missing weight file and a port in use are one line before torch is imported; Ctrl-C while
-it starts or while the model loads is one line or a quick stop, never a traceback or a wait for the load."""
+"""serve.py's start-up: a missing weight file, a port in use and a bound out of range are one line before torch is
+imported; Ctrl-C while it starts or while the model loads is one line or a quick stop, never a traceback or a wait
+for the load."""
 from __future__ import annotations
 
 import signal
@@ -39,6 +40,16 @@ def test_a_port_in_use_is_one_line_before_torch(tmp_path):
     assert proc.stderr.splitlines() == [
         f"error: cannot listen on 127.0.0.1:{port}: Address already in use (another process holds the port: stop "
         f"it, or pick another with --port)", "torch not imported"]
+
+
+@pytest.mark.parametrize("flags, line", [
+    (("--max-pixels", "89478486"), "error: --max-pixels must be at most 89478485 (PIL's limit), got 89478486"),
+    (("--max-question-bytes", "0"), "error: --max-question-bytes must be at least 1, got 0"),
+], ids=["pixels over PIL's limit", "no question"])
+def test_a_bound_out_of_range_is_one_line_before_torch(tmp_path, flags, line):
+    proc = probe_torch(ROOT / "serve.py", *serve_argv(tmp_path, *flags))
+    assert proc.returncode == 1
+    assert proc.stderr.splitlines() == [line, "torch not imported"]
 
 
 # serve.main in a process whose start-up stops at `target` (touching `reached` there) until it is interrupted.

@@ -423,3 +423,20 @@ def test_video_whose_frames_fail_midway(tmp_path):
     with pytest.raises(RecordError) as excinfo:
         load_video_frames(str(path), 10, index=21)
     _assert_record_error(excinfo, 21, path, f"cannot decode frames {list(range(10))} of 10: the file is damaged there")
+
+
+def test_each_frame_is_transformed_before_the_next_is_decoded(monkeypatch, tmp_path):
+    """Given a transform, a frame list (inline or a .json file) holds one frame at full size at a time: each is
+    transformed as soon as it is decoded; a frame sampled twice is decoded and transformed once."""
+    import dataset.video as video
+
+    events = []
+    decode = video.rgb_image
+    monkeypatch.setattr(video, "rgb_image", lambda *args: events.append("decode") or decode(*args))
+    frames = [_png_b64((c, 0, 0)) for c in (10, 20, 30)]
+    (tmp_path / "frames.json").write_text(json.dumps(frames))
+    for spec in (frames, str(tmp_path / "frames.json")):
+        events.clear()
+        out = load_video_frames(spec, 4, index=6, transform=lambda f: events.append("transform") or f.getpixel((0, 0)))
+        assert events == ["decode", "transform"] * 3
+        assert out == [(10, 0, 0), (10, 0, 0), (20, 0, 0), (30, 0, 0)]
