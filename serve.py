@@ -106,7 +106,8 @@ def limits_of(args) -> Limits:
     if args.allow_http_urls:
         fetcher = Fetcher(args.url_timeout, args.url_fetch_workers, max_body_bytes, args.allow_private_urls)
     return Limits(max_body_bytes=max_body_bytes, max_images=args.max_images,
-                  max_question_bytes=args.max_question_bytes, max_pixels=args.max_pixels, decoding=decoding, queue_size=args.queue_size, request_timeout=args.request_timeout,
+                  max_question_bytes=args.max_question_bytes, max_pixels=args.max_pixels, decoding=decoding,
+                  queue_size=args.queue_size, request_timeout=args.request_timeout,
                   media_root=root, fetcher=fetcher, api_key=args.api_key, allowed_hosts=allowed_hosts(args, loopback),
                   cors_origins=tuple(args.cors_origins))
 
