@@ -13,8 +13,8 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny"
 sys.path.insert(0, str(ROOT))
-if os.environ.get("PYTEST_XDIST_WORKER"):  # one test process per core (pytest.ini): one torch thread each, and in
-    os.environ.setdefault("OMP_NUM_THREADS", "1")  # the runs it starts; read when torch is first imported, below
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one test process per core (pytest.ini): one torch thread in each, and
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # in the runs it starts (torch reads it when first imported)
 
 
 # The files that take longest (half a minute or more on 2 cores: torchrun, servers, fresh interpreters, the written-out
