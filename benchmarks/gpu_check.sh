@@ -84,8 +84,9 @@ if [ "$TINY" = 1 ]; then
 else
     DEVICE=cuda
     RELEASE_ARGS=()
-    PYTEST=("$PYTHON" -m pytest -m gpu -v -p no:cacheprovider -rfEs --junitxml="$WORK/pytest.xml")  # -v: each result
-    # in the log as it comes, should the stage run out of time before pytest writes its XML
+    PYTEST=("$PYTHON" -m pytest -m gpu -n 0 -v -p no:cacheprovider -rfEs --junitxml="$WORK/pytest.xml")  # -n 0: one
+    # process for the one card; -v: each result in the log as it comes, should the stage run out of time before
+    # pytest writes its XML
     BENCH=(--device cuda)
 fi
 

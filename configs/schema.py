@@ -64,9 +64,10 @@ DecodingKeys = config_keys(DecodingSettings)
 
 @dataclass
 class LynxConfig(DecodingKeys):
-    """Every key of the original LYNX.yaml with LYNX.yaml's value as default, then the additions (README). For a
-    few keys a YAML without them got another value from the original's code (README, Configuration). The decoding
-    keys are DecodingSettings' fields with their defaults (configs/decoding.py), checked by it."""
+    """Every key of the original LYNX.yaml with LYNX.yaml's value as default, then the additions
+    (docs/configuration.md). For a few keys a YAML without them got another value from the original's code
+    (docs/configuration.md, "Defaults where the original's differ"). The decoding keys are DecodingSettings' fields
+    with their defaults (configs/decoding.py), checked by it."""
 
     # -- Data
     image_rdir: str = "./images/"  # read but unused, as in the original: media paths are relative to the cwd

@@ -13,6 +13,24 @@ import yaml
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURE = ROOT / "tests" / "fixtures" / "tiny"
 sys.path.insert(0, str(ROOT))
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one test process per core (pytest.ini): one torch thread in each, and
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # in the runs it starts (torch reads it when first imported)
+
+
+# The files that take longest (half a minute or more on 2 cores: torchrun, servers, fresh interpreters, the written-out
+# decoding), longest first. They start first: the test processes take whole files (pytest.ini), and a long file
+# taken last would leave the other processes idle at the end.
+LONG_FILES = ("test_distributed.py", "test_release_files.py", "test_parity.py", "test_reference_428.py",
+              "test_benchmark.py", "test_run_files.py", "test_serve_lmms_eval.py", "test_sampled_runs.py",
+              "test_serve_other_fixture.py", "test_shipped_defaults.py", "test_serve_startup.py", "test_decoding.py",
+              "test_serve_decoding.py", "test_serve_api.py", "test_fetch.py", "test_serve_benchmark.py",
+              "test_resume.py")
+
+
+def pytest_collection_modifyitems(items):
+    """LONG_FILES first, in that order; the other files after them, as collected."""
+    rank = {name: position for position, name in enumerate(LONG_FILES)}
+    items.sort(key=lambda item: rank.get(item.path.name, len(LONG_FILES)))
 
 
 def fixture_config(**overrides) -> dict:

@@ -60,31 +60,41 @@ class Server:
                  device: str = "cpu"):
         """`cfg`: a config as a dict (written to tmp_path) or the path of a config file. The process runs with one
         OpenMP thread: several test processes share two cores."""
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
         self.api_key = api_key
         config = cfg if isinstance(cfg, Path) else tmp_path / "serve_config.yaml"
         if isinstance(cfg, dict):
             config.write_text(yaml.safe_dump(cfg, sort_keys=False))
-        self.log_path = tmp_path / f"server_{self.port}.log"
-        cmd = [sys.executable, str(ROOT / "serve.py"), "--config", str(config), "--device", device,
-               "--port", str(self.port), *flags]
+        self.argv = [sys.executable, str(ROOT / "serve.py"), "--config", str(config), "--device", device, *flags]
         if api_key:
-            cmd += ["--api-key", api_key]
-        self.tmpdir = tmp_path / f"tmp_{self.port}"  # the server's own temporary folder
+            self.argv += ["--api-key", api_key]
+        self.tmp_path, self.cwd = tmp_path, cwd
+        self.launch()
+
+    def launch(self) -> None:
+        """Start serve.py on a port that was free a moment ago (wait_ready starts it again on another should a
+        test process beside this one have taken it meanwhile)."""
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.log_path = self.tmp_path / f"server_{self.port}.log"
+        self.tmpdir = self.tmp_path / f"tmp_{self.port}"  # the server's own temporary folder
         self.tmpdir.mkdir()
         env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1", "TMPDIR": str(self.tmpdir)}
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(cmd, cwd=cwd, stdout=log, stderr=subprocess.STDOUT, env=env)
+            self.process = subprocess.Popen([*self.argv, "--port", str(self.port)], cwd=self.cwd, stdout=log,
+                                            stderr=subprocess.STDOUT, env=env)
 
     def log(self) -> str:
         return self.log_path.read_text()
 
     def wait_ready(self) -> list[int]:
         """Poll /health until 200; returns every status seen on the way."""
-        seen, deadline = [], time.monotonic() + START_TIMEOUT_S
+        seen, deadline, tries = [], time.monotonic() + START_TIMEOUT_S, 1
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
+                if "another process holds the port" in self.log() and tries < 3:
+                    tries += 1
+                    self.launch()
+                    continue
                 raise AssertionError(f"the server exited with {self.process.returncode}:\n{self.log()[-3000:]}")
             try:
                 status, _, _ = self.request("GET", "/health")

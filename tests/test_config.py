@@ -80,7 +80,7 @@ LYNX_YAML = str(ROOT / "configs" / "LYNX.yaml")
 
 
 def test_quoted_prompt_on_the_command_line_is_lynx_yaml_own_prompt():
-    """The README's way: a quoted YAML string, so \n is a line break as in the file."""
+    """docs/configuration.md's way: a quoted YAML string, so \n is a line break as in the file."""
     own = load_config(LYNX_YAML)
     assert own.prompt == "User: {question}\nBot:"
     cfg = load_config(LYNX_YAML, ['prompt="User: {question}\\nBot:"'])
@@ -89,7 +89,7 @@ def test_quoted_prompt_on_the_command_line_is_lynx_yaml_own_prompt():
 
 
 def test_the_readme_command_line_gives_lynx_yaml_prompt_through_the_shell(tmp_path):
-    """The words as typed in bash (README, Configuration) reach the config as LYNX.yaml's prompt."""
+    """The words as typed in bash (docs/configuration.md) reach the config as LYNX.yaml's prompt."""
     script = tmp_path / "run.sh"
     script.write_text(
         '"$PYTHON" -c \'import sys; from configs.schema import load_config; '

@@ -293,7 +293,7 @@ def test_out_of_memory_retry_decodes_halves_at_their_own_size(tiny, monkeypatch)
 
 def test_top_p_0_leaves_the_top_token_when_sampling(tiny):
     """`top_p: 0` (OpenAI takes 0 to 1, and lmms-eval sends 0) keeps only the best token of each step when sampling:
-    greedy's answer, in both decoders. (4.28.1's warper would drop every token and fail; README, Fidelity.)"""
+    greedy's answer, in both decoders. (4.28.1's warper would drop every token and fail; docs/fidelity.md.)"""
     embeds, mask = tiny.fused("images", [0, 1, 2])
     greedy = settings_for(tiny, num_beams=1, use_nucleus_sampling=False)
     top = settings_for(tiny, num_beams=1, use_nucleus_sampling=True, top_p=0.0, top_k=0, temperature=0.7)

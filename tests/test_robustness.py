@@ -1,7 +1,7 @@
 """What a run does with bad input: one line and exit 1 for run-level problems, the errors file and exit 2 for bad
 records, halving on out-of-memory, progress reporting, and the refusal of pickled code in checkpoints.
 
-Each row of the table in README's "When something goes wrong" has a test here. Runs go through generate.main
+Each row of the table in docs/errors.md ("When something goes wrong") has a test here. Runs go through generate.main
 in-process (the exit status it returns is the one the command line gets), from the fixture root.
 """
 from __future__ import annotations
