@@ -1,6 +1,6 @@
 """transformers' `generate` as a Lynx decoder (`decoder: hf`): the original's decoding keys mapped onto a
-GenerationConfig of the installed transformers (5), whose rules differ from the original's 4.28.1 (README
-"Fidelity" lists how; Lynx's own decoder, decoding/fast.py, follows 4.28.1)."""
+GenerationConfig of the installed transformers (5), whose rules differ from the original's 4.28.1 (docs/fidelity.md
+lists how; Lynx's own decoder, decoding/fast.py, follows 4.28.1)."""
 from __future__ import annotations
 
 import warnings
