@@ -92,14 +92,13 @@ async def chat_completions(request: Request):
         message, param = validation_message(err)
         raise APIError(400, message, param) from None
     check(chat, state(request))
+    if chat.stream:
+        return StreamingResponse(await service.stream(chat, request, started), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
     completion = await service.complete(chat, request)
     usage = completion.usage
     state(request).metrics.answered(time.monotonic() - started, usage.prompt_tokens, usage.completion_tokens)
-    if not chat.stream:
-        return JSONResponse(completion.model_dump())
-    include_usage = bool(chat.stream_options and chat.stream_options.include_usage)
-    return StreamingResponse(iter(service.chunks(completion, include_usage)), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return JSONResponse(completion.model_dump())
 
 
 def check(chat: ChatCompletionRequest, lynx) -> None:
