@@ -186,8 +186,12 @@ def test_streamed_text_is_final_when_it_goes_out(pipeline):
     id, then the rest of the answer, is the answer's text, and never text that a later id would change."""
     tok, draw = pipeline.tokenizer, random.Random(0)
     bytes_pieces, words = list(range(3, 259)), list(range(259, 1000))
-    for _ in range(300):
-        ids = [draw.choice(bytes_pieces if draw.random() < 0.5 else words) for _ in range(draw.randint(1, 12))]
+    space, byte = tok.sp.piece_to_id("\u2581"), tok.sp.piece_to_id
+    # "t", a space, then a no-break space in two bytes at the end: the answer's text is stripped to "t"
+    directed = [[tok.sp.piece_to_id("\u2581t"), space, byte("<0xC2>"), byte("<0xA0>")]]
+    randomly = [[draw.choice(bytes_pieces if draw.random() < 0.5 else words) for _ in range(draw.randint(1, 12))]
+                for _ in range(300)]
+    for ids in directed + randomly:
         answer = tok.decode(ids)
         text, streamed = FinalText(tok.decode), ""
         for n in range(1, len(ids) + 1):
