@@ -199,6 +199,10 @@ class ChatService:
                 self.metrics.answered(time.monotonic() - started, usage.prompt_tokens, usage.completion_tokens)
         except APIError as err:  # the status went out with the first chunk: the error is an event of the stream
             yield chunks.error(error_response(err, self.metrics, self.hidden).body)
+        except asyncio.CancelledError:  # the client left (counted as a request that is not streamed is: 499)
+            if self.metrics is not None:
+                self.metrics.refused("client_closed")
+            raise
         finally:
             work.future.cancel()  # a client gone: its request goes too (nothing once it has its answer)
         yield Chunks.DONE

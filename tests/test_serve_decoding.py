@@ -210,8 +210,9 @@ def test_beam_search_streams_its_answer_at_the_end(greedy):
 
 def test_a_client_that_leaves_mid_stream_stops_its_batch(greedy):
     """A streamed request of 1024 tokens whose client closes the connection after its first text: its batch stops
-    (the engine's `stopped_batches`) and the request is not answered; the server answers the next one."""
-    before = greedy.request("GET", "/health")[2]
+    (the engine's `stopped_batches`), the request is not answered but counted as closed by its client; the server
+    answers the next one."""
+    before, counted = greedy.request("GET", "/health")[2], greedy.metrics()
     body = json.dumps(dict(messages=messages_of(records("image")[1]), max_tokens=1024, min_length=1024,
                            stream=True)).encode()
     with socket.create_connection(("127.0.0.1", greedy.port), timeout=60) as sock:
@@ -227,6 +228,8 @@ def test_a_client_that_leaves_mid_stream_stops_its_batch(greedy):
         assert time.monotonic() < deadline, health
         time.sleep(0.05)
     assert health["answered"] == before["answered"] and health["running"] == 0
-    assert greedy.metrics()[("lynx_stopped_batches_total", ())] == health["stopped_batches"]
+    metrics, closed = greedy.metrics(), ("lynx_refused_requests_total", (("reason", "client_closed"),))
+    assert metrics[("lynx_stopped_batches_total", ())] == health["stopped_batches"]
+    assert metrics[closed] - counted.get(closed, 0) == 1
     status, _, reply = greedy.chat(messages=messages_of(records("image")[1]), max_tokens=3)
     assert status == 200 and reply["usage"]["completion_tokens"] == 3
