@@ -32,8 +32,9 @@ class FastDecoder:
     pads every prompt to that many slots, inserting pads after the first prefix_len slots (Lynx: between the visual
     prefix and the text, where they change no position and no attended token), and batch_size pads every batch to
     that many rows, so one graph serves a whole test set. check_every: steps between checks of whether every row is
-    done (one host sync each), where a caller's `watch` is called too (see `generate`). cuda: the CUDA calls of graph capture (default: those of the model's device; the
-    CPU tests pass a fake that records and replays the steps).
+    done (one host sync each), where a caller's `watch` is called too (see `generate`). cuda: the CUDA calls of
+    graph capture (default: those of the model's device; the CPU tests pass a fake that records and replays the
+    steps).
     """
 
     def __init__(self, llm, tokenizer, cuda_graphs: bool | None = None, compile: bool | str = False,

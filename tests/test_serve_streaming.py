@@ -141,9 +141,9 @@ def test_a_batch_runs_on_while_one_of_its_clients_waits(pipeline, steps):
 
 
 def test_requests_that_differ_only_in_max_tokens_share_a_batch_and_get_their_own_answers(pipeline):
-    """max_tokens 1..8 for the record of index 0 (the original's greedy answer: 7 ids, EOS last) at once: one batch of 8, each
-    answer the first max_tokens of the original's ids, `length` below 7 and `stop` from 7 on, as each request gets
-    alone."""
+    """max_tokens 1..8 for the record of index 0 (the original's greedy answer: 7 ids, EOS last) at once: one
+    batch of 8, each answer the first max_tokens of the original's ids, `length` below 7 and `stop` from 7 on, as
+    each request gets alone."""
     record = next(r for r in records() if r["index"] == 0)
     meta = {m["index"]: m for m in read_jsonl(FIXTURE / "expected" / "images_meta.jsonl")}[0]
     original = meta["greedy_ids"]
@@ -176,6 +176,15 @@ def test_rows_with_their_own_limits_stop_once_each_is_past_its_own(pipeline, ste
     assert steps["n"] == pipeline.decoder.check_every
     assert [a.ids for a in cut] == [whole[0].ids[:2], whole[1].ids[:3]]
     assert [a.finish for a in cut] == ["length", "length"]
+
+
+def test_rows_own_limits_are_refused_where_they_would_change_answers(pipeline):
+    items = [item_of(pipeline, r) for r in records()[:2]]
+    beams = pipeline.settings.replace(num_beams=3, use_nucleus_sampling=False, max_new_tokens=4)
+    with pytest.raises(ValueError, match="share one length limit with beams"):
+        pipeline.answer_items(items, beams, lengths=[2, 4])
+    with pytest.raises(ValueError, match="from 1 to max_new_tokens"):
+        pipeline.answer_items(items, greedy(pipeline, max_new_tokens=4), lengths=[2, 5])
 
 
 # ---------------------------------------------------------------- the streamed text
