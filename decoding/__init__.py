@@ -10,7 +10,7 @@ Decoding settings are a value per call (configs/decoding.py); a decoder resolves
 """
 from __future__ import annotations
 
-from typing import Protocol
+from typing import Callable, Optional, Protocol
 
 import torch
 
@@ -19,13 +19,23 @@ from decoding.fast import FastDecoder
 from decoding.hf import HFDecoder
 
 
+Watch = Callable[[Optional[torch.Tensor]], bool]
+
+
 class Decoder(Protocol):
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, settings: DecodingSettings,
-                 generator: torch.Generator | None = None, rows: int | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, rows: int | None = None,
+                 watch: Watch | None = None) -> torch.Tensor:
         """Generated ids (B, T) without prompt or placeholder; filler after EOS; T = the longest answer.
         inputs_embeds (B, L, hidden), attention_mask (B, L). generator: the sampling draws (None: torch's global
         generator). rows: pad the batch to this many rows (a fixed CUDA-graph shape); the out-of-memory retry
-        passes its own, smaller count."""
+        passes its own, smaller count.
+
+        watch: called every `check_every` tokens while rows are still running (where the fast decoder reads
+        whether every row is done, a host sync it makes anyway), with the ids chosen so far (B, n), pad after EOS,
+        for one beam; None for beams, whose answers are chosen at the end. When it returns True the decoding stops
+        there: a caller that wants no more (its clients gone; every row at its own length limit) gets the ids so
+        far, cut at that check. A watch that never returns True changes no id."""
         ...
 
 
@@ -43,4 +53,4 @@ def make_decoder(cfg, llm, tokenizer, device: str, compile: bool | None = None) 
                        prefix_len=cfg.num_bridge_tokens)
 
 
-__all__ = ["Decoder", "FastDecoder", "HFDecoder", "make_decoder"]
+__all__ = ["Decoder", "FastDecoder", "HFDecoder", "Watch", "make_decoder"]

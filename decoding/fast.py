@@ -32,8 +32,9 @@ class FastDecoder:
     pads every prompt to that many slots, inserting pads after the first prefix_len slots (Lynx: between the visual
     prefix and the text, where they change no position and no attended token), and batch_size pads every batch to
     that many rows, so one graph serves a whole test set. check_every: steps between checks of whether every row is
-    done (one host sync each). cuda: the CUDA calls of graph capture (default: those of the model's device; the
-    CPU tests pass a fake that records and replays the steps).
+    done (one host sync each), where a caller's `watch` is called too (see `generate`). cuda: the CUDA calls of
+    graph capture (default: those of the model's device; the CPU tests pass a fake that records and replays the
+    steps).
     """
 
     def __init__(self, llm, tokenizer, cuda_graphs: bool | None = None, compile: bool | str = False,
@@ -62,16 +63,17 @@ class FastDecoder:
         return self.searches[settings]
 
     def generate(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, settings: DecodingSettings,
-                 generator: torch.Generator | None = None, rows: int | None = None) -> torch.Tensor:
+                 generator: torch.Generator | None = None, rows: int | None = None, watch=None) -> torch.Tensor:
         """Generated ids (B, T) without the prompt, as `LLM.generate(inputs_embeds=..., attention_mask=...)` returns
         them: after EOS, pad (greedy, sampling) or EOS then pad (beams); T = the longest answer. `generator`: the
         sampling draws (None: the device's default generator). `rows`: pad the batch to that many rows instead of
-        batch_size (a caller retrying with fewer rows after running out of memory)."""
+        batch_size (a caller retrying with fewer rows after running out of memory). `watch`: called at every check
+        (decoding.Decoder); when it returns True the search stops there and the ids so far are the answer."""
         search = self.search_for(settings)
         rows = self._rows(inputs_embeds.shape[0], rows, search)
         with on_device(self.device):  # what names no device lands on this one (also on a server's model thread)
             try:
-                return self.decode(inputs_embeds, attention_mask, search, generator, rows)
+                return self.decode(inputs_embeds, attention_mask, search, generator, rows, watch)
             except RuntimeError as err:  # torch.OutOfMemoryError included
                 if is_out_of_memory(err):
                     self._out_of_memory(rows, search)
@@ -79,7 +81,7 @@ class FastDecoder:
 
     @torch.inference_mode()
     def decode(self, inputs_embeds: torch.Tensor, attention_mask: torch.Tensor, s: Search,
-               generator: torch.Generator | None = None, rows: int | None = None) -> torch.Tensor:
+               generator: torch.Generator | None = None, rows: int | None = None, watch=None) -> torch.Tensor:
         """`generate` with the search given directly (`rows`: as `generate` settles them when not given)."""
         real_rows = inputs_embeds.shape[0]
         rows = self._rows(real_rows, rows, s) if rows is None else rows
@@ -88,25 +90,27 @@ class FastDecoder:
         self._prefill(ws, embeds, mask)
         graphs = self._graphs(ws, s, generator)  # captured at the first batch of a shape; None: step by step
         start(ws, s)
+        stop = None if watch is None else lambda n: watch(ws.seqs[:real_rows, 0, :n] if s.num_beams == 1 else None)
         if graphs is None:
-            self._search(ws, s, generator)
+            self._search(ws, s, generator, stop=stop)
         else:  # the graphs draw from graph_rng, lent the state of the batch's generator (or the device's default)
             with lending(generator if generator is not None else self.cuda.default_generator(), self.graph_rng):
-                self._search(ws, s, None, graphs)
+                self._search(ws, s, None, graphs, stop)
         if s.num_beams > 1:
             finalize(ws, s)
         return answers(ws, s, real_rows)
 
-    def _search(self, ws: Workspace, s: Search, generator, graphs: dict | None = None) -> None:
+    def _search(self, ws: Workspace, s: Search, generator, graphs: dict | None = None, stop=None) -> None:
         """Token after token until every row is done or max_new_tokens are chosen: eager steps, or replayed graphs.
-        Whether every row is done is read every check_every steps (a host sync); steps after that change nothing."""
+        Whether every row is done is read every check_every steps (a host sync); steps after that change nothing.
+        There, once rows are still running, `stop(tokens chosen)` may end the search (the caller's watch)."""
         select = selector(s)
         for step in range(s.max_new_tokens - 1):
             if graphs is not None:
                 graphs[ws.keys_at(step)].replay()
             else:
                 self._step(ws, s, ws.keys_at(step), generator)
-            if (step + 1) % self.check_every == 0 and bool(ws.done):
+            if (step + 1) % self.check_every == 0 and (bool(ws.done) or stop is not None and stop(step + 1)):
                 return
         if graphs is not None:
             graphs["last"].replay()

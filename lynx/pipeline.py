@@ -10,6 +10,7 @@ import functools
 import logging
 import random
 from dataclasses import dataclass
+from typing import Callable
 
 import numpy as np
 import torch
@@ -126,26 +127,42 @@ class LynxPipeline:
         return self.prepare.item(position, media, kind, {**fields, "question": question}, index=position)
 
     def answer_items(self, items: list[Item], settings: DecodingSettings | None = None, seed: int | None = None,
-                     generator: torch.Generator | None = None) -> list[Answer | RecordError]:
+                     generator: torch.Generator | None = None, watch: Watch | None = None,
+                     lengths: list[int] | None = None) -> list[Answer | RecordError]:
         """Answers of prepared items of one media kind, in one batch (see `answer_batch`)."""
-        return self.answer_batch(self.collate(items), settings=settings, seed=seed, generator=generator)
+        return self.answer_batch(self.collate(items), settings=settings, seed=seed, generator=generator, watch=watch,
+                                 lengths=lengths)
 
     def answer_batch(self, batch: Batch, visual: torch.Tensor | None = None, settings: DecodingSettings | None = None,
-                     seed: int | None = None, generator: torch.Generator | None = None) -> list[Answer | RecordError]:
+                     seed: int | None = None, generator: torch.Generator | None = None, watch: Watch | None = None,
+                     lengths: list[int] | None = None) -> list[Answer | RecordError]:
         """The answer of every row of a collated batch, in row order: an Answer, or OutOfMemory for a row that does
         not fit on the device even alone. `visual`: the batch's visual prefix, if computed already; `settings`:
         decoding for this call (default: the config's); sampled draws come from a generator seeded with `seed`
         (afresh for every try), else from `generator` (on the LLM's device), else from the device's default one.
 
+        `lengths`: each row's own max_new_tokens, at most the settings' (one beam only: a beam's answer depends on
+        the length limit; greedy and sampled rows do not): the batch decodes until every row is done or at its own
+        limit, and each row is cut at its own, its answer what it would be decoded alone to that limit.
+        `watch({row: its ids so far})`: called at each check of the decoder (decoding.Decoder) with the ids of the
+        rows of that try (greedy and sampling: up to EOS or the row's limit; {} for beams, chosen at the end); when
+        it returns True the decoding stops there and the rows are cut where it stopped.
+
         Out of memory, the batch is retried in halves down to single rows, each half decoded as a batch of its own
         size (the decoder would otherwise pad it back to its fixed shape) with its rows of the visual prefix."""
         settings = self.settings if settings is None else settings.checked()
-        return self._answer_in_halves(batch, visual, settings, seed, generator, rows=None)
+        lengths = [settings.max_new_tokens] * len(batch) if lengths is None else list(lengths)
+        if len(lengths) != len(batch) or not all(1 <= n <= settings.max_new_tokens for n in lengths):
+            raise ValueError(f"lengths: one per row, from 1 to max_new_tokens ({settings.max_new_tokens})")
+        if settings.num_beams > 1 and min(lengths) < settings.max_new_tokens:
+            raise ValueError("lengths: rows of one batch share one length limit with beams")
+        return self._answer_in_halves(batch, visual, settings, seed, generator, None, watch, lengths)
 
-    def _answer_in_halves(self, batch, visual, settings, seed, generator, rows) -> list[Answer | RecordError]:
+    def _answer_in_halves(self, batch, visual, settings, seed, generator, rows, watch,
+                          lengths) -> list[Answer | RecordError]:
         try:
             draws = self.generator(seed) if seed is not None else generator
-            return self.decode_batch(batch, visual, settings, draws, rows)
+            return self.decode_batch(batch, visual, settings, draws, rows, watch, lengths)
         except RuntimeError as err:  # torch.OutOfMemoryError included
             if not is_out_of_memory(err):
                 raise
@@ -159,25 +176,42 @@ class LynxPipeline:
         for half in (slice(0, len(batch) // 2), slice(len(batch) // 2, None)):
             part = batch.part(half, self.cfg.use_left_pad)
             part_visual = None if visual is None else visual[half]  # a few MB: not worth computing again
-            answers += self._answer_in_halves(part, part_visual, settings, seed, generator, rows=len(part))
+            answers += self._answer_in_halves(part, part_visual, settings, seed, generator, len(part),
+                                              shifted(watch, half.start or 0), lengths[half])
         return answers
 
     @on_own_device
     @torch.inference_mode()
     def decode_batch(self, batch: Batch, visual: torch.Tensor | None, settings: DecodingSettings,
-                     generator: torch.Generator | None = None, rows: int | None = None) -> list[Answer]:
+                     generator: torch.Generator | None = None, rows: int | None = None, watch: Watch | None = None,
+                     lengths: list[int] | None = None) -> list[Answer]:
         """One try at a batch, no retry: its visual prefix (unless given), the fused prompt, the decoder (`rows`: the
-        batch shape to decode at, see decoding.Decoder), the answers."""
+        batch shape to decode at, see decoding.Decoder), the answers (`watch`, `lengths`: see `answer_batch`)."""
+        lengths = [settings.max_new_tokens] * len(batch) if lengths is None else lengths
         if visual is None:
             visual = self.model.encode_media(batch.pixel_values)
         embeds, mask = self.model.fuse(visual, batch.input_ids, batch.attention_mask)
-        return [self._answer(row) for row in self.decoder.generate(embeds, mask, settings, generator=generator,
-                                                                   rows=rows).tolist()]
+        check = self._check(watch, lengths) if watch is not None or min(lengths) < settings.max_new_tokens else None
+        ids = self.decoder.generate(embeds, mask, settings, generator=generator, rows=rows, watch=check)
+        return [self._answer(row, limit) for row, limit in zip(ids.tolist(), lengths)]
 
-    def _answer(self, row: list[int]) -> Answer:
-        """A decoder's row: the ids up to EOS (the filler after it dropped), their text, why it stopped."""
+    def _check(self, watch: Watch | None, lengths: list[int]):
+        """The decoder's watch (decoding.Decoder) of a try: the caller's `watch` told each row's ids so far, and a
+        stop once the caller asks or every row has ended with EOS or reached its own limit."""
         eos = self.tokenizer.eos_id
-        ids, finish = (row[:row.index(eos) + 1], "stop") if eos in row else (row, "length")
+
+        def check(ids: torch.Tensor | None) -> bool:
+            if ids is None:  # beams: nothing chosen before the end
+                return watch is not None and bool(watch({}))
+            rows = {r: cut(row, limit, eos)[0] for r, (row, limit) in enumerate(zip(ids.tolist(), lengths))}
+            asked = watch is not None and bool(watch(rows))
+            return asked or all(len(row) == limit or row[-1:] == [eos] for row, limit in zip(rows.values(), lengths))
+        return check
+
+    def _answer(self, row: list[int], limit: int) -> Answer:
+        """A decoder's row: the ids up to EOS or the row's own limit (the filler after it dropped), their text, why
+        it stopped."""
+        ids, finish = cut(row, limit, self.tokenizer.eos_id)
         if self.lemmatizer is None:
             return Answer(ids, self.tokenizer.decode(ids), finish)
         # the original lemmatized the decoded text, then stripped it
@@ -208,6 +242,22 @@ class LynxPipeline:
             if isinstance(answer, RecordError):
                 raise type(answer)(position, answer.reason, answer.path)
         return [answer.text for answer in answers]
+
+
+Watch = Callable[[dict[int, list[int]]], bool]  # see LynxPipeline.answer_batch
+
+
+def cut(row: list[int], limit: int, eos: int) -> tuple[list[int], str]:
+    """(ids, finish) of a decoded row: up to its EOS ("stop") or its first `limit` ids ("length")."""
+    row = row[:limit]
+    return (row[:row.index(eos) + 1], "stop") if eos in row else (row, "length")
+
+
+def shifted(watch: Watch | None, first: int) -> Watch | None:
+    """`watch` of a batch, for the part of it that starts at row `first`."""
+    if watch is None or first == 0:
+        return watch
+    return lambda rows: watch({first + row: ids for row, ids in rows.items()})
 
 
 def load_lemmatizer():

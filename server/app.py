@@ -102,7 +102,7 @@ def create_app(load: Callable[[], object], limits: Limits, model_name: str, batc
             return
         lynx.engine = Engine(pipeline, batch_size or pipeline.cfg.batch_size_test, window, limits.queue_size)
         lynx.engine.start()
-        lynx.service = ChatService(pipeline, lynx.engine, limits, model_name)
+        lynx.service = ChatService(pipeline, lynx.engine, limits, model_name, lynx.metrics)
         lynx.status = "ready"
         log.info("ready: %s answers on %s, batches of up to %d", model_name, pipeline.device, lynx.engine.batch_size)
         await supervise(lynx)

@@ -12,6 +12,15 @@ the same request and seed give the same answer on the same server, whatever else
 (Alone, because a row's draws depend on its place and on the other rows of its batch.) Sampled requests without a
 seed batch together and draw from the device's running default generator.
 
+Greedy and sampled requests (one beam) that differ only in `max_new_tokens` share a batch too: their answers do
+not depend on the length limit, so the batch decodes to the largest and each row is cut at its own
+(`LynxPipeline.answer_batch`'s `lengths`). Beam search's answers depend on the limit (length penalty, the beams
+finished at it): only requests of one limit share a batch.
+
+While a batch decodes, the decoder calls the engine back at each of its checks (every few tokens: `Watcher`): a
+streamed request gets the ids chosen so far, and once every request of the batch has gone (its client left or it
+timed out, so its future was cancelled) the batch stops there instead of running to its end.
+
 A batch that runs out of GPU memory is halved by the pipeline, as generate.py's are, down to single requests; a
 request that does not fit even alone gets OutOfMemory. A batch that fails otherwise is retried one request at a
 time, so a request that fails, fails alone.
@@ -19,6 +28,7 @@ time, so a request that fails, fails alone.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import time
 from collections import Counter, deque
@@ -42,6 +52,7 @@ class Work:
     settings: object
     seed: int | None = None
     shape: int | None = None  # requests share a batch only when this is equal too (see ChatService.shape)
+    progress: asyncio.Queue | None = field(default=None, repr=False)  # streamed: the ids so far at each check
     future: asyncio.Future | None = field(default=None, repr=False)
     started: bool = False
 
@@ -51,7 +62,10 @@ class Work:
 
     @property
     def key(self):
-        return (self.kind, self.settings, self.shape, id(self) if self.alone else None)
+        settings = self.settings
+        if settings.num_beams == 1:  # the length limit changes no answer: one batch decodes to the largest
+            settings = dataclasses.replace(settings, max_new_tokens=0)
+        return (self.kind, settings, self.shape, id(self) if self.alone else None)
 
 
 @dataclass
@@ -62,11 +76,13 @@ class Stats:
     failed: int = 0
     dropped: int = 0  # cancelled (client gone, timed out) before their batch started
     batches: int = 0
+    stopped: int = 0  # batches stopped before their end: every request had gone
     batch_sizes: Counter = field(default_factory=Counter)
 
     def as_dict(self) -> dict:
         rows = sum(size * n for size, n in self.batch_sizes.items())
         return {"answered": self.answered, "failed": self.failed, "dropped": self.dropped, "batches": self.batches,
+                "stopped_batches": self.stopped,
                 "mean_batch_size": round(rows / self.batches, 3) if self.batches else 0.0,
                 "largest_batch": max(self.batch_sizes, default=0),
                 "batch_sizes": {str(k): v for k, v in sorted(self.batch_sizes.items())}}
@@ -119,11 +135,13 @@ class Engine:
         while True:
             batch = self.batch = await self._next_batch()
             self.busy = len(batch)
+            loop = asyncio.get_running_loop()
             try:
-                results = await asyncio.get_running_loop().run_in_executor(self.executor, self._answer, batch)
+                results, stopped = await loop.run_in_executor(self.executor, self._answer, batch, loop)
             finally:
                 self.busy = 0
             self.stats.batches += 1
+            self.stats.stopped += stopped
             self.stats.batch_sizes[len(batch)] += 1
             for work, result in zip(batch, results):
                 if work.future.done():  # cancelled while it ran: the answer has nobody to go to
@@ -175,13 +193,38 @@ class Engine:
             self.waiting.remove(work)
             self.stats.dropped += 1
 
-    def _answer(self, batch: list[Work]) -> list:
-        """Answers (or exceptions) of a batch, on the model's thread; one by one on a failure other than memory
-        (which the pipeline handles)."""
+    def _answer(self, batch: list[Work], loop: asyncio.AbstractEventLoop) -> tuple[list, bool]:
+        """(answers or exceptions, whether it was stopped because every request had gone) of a batch, on the
+        model's thread, decoded to its largest length limit; one by one on a failure other than memory (which the
+        pipeline handles)."""
+        watch = Watcher(batch, loop)
+        lengths = [work.settings.max_new_tokens for work in batch]
+        settings = batch[0].settings.replace(max_new_tokens=max(lengths))
         try:
             seed = batch[0].seed if batch[0].alone else None
-            return self.pipeline.answer_items([w.item for w in batch], settings=batch[0].settings, seed=seed)
+            return self.pipeline.answer_items([w.item for w in batch], settings=settings, seed=seed, watch=watch,
+                                              lengths=lengths), watch.stopped
         except Exception as err:  # noqa: BLE001 - every failure goes back to its request
             if len(batch) == 1:
-                return [err]
-        return [result for work in batch for result in self._answer([work])]
+                return [err], watch.stopped
+        alone = [self._answer([work], loop) for work in batch]
+        return [result for results, _ in alone for result in results], any(stopped for _, stopped in alone)
+
+
+class Watcher:
+    """The pipeline's watch of one batch (`LynxPipeline.answer_batch`), called on the model's thread at each check
+    of the decoder: a streamed request's ids so far go to its queue on the event loop, and the decoding stops once
+    every request has gone. A request has gone when its future is done before the batch ends: cancelled (its client
+    left, it timed out) or failed by the supervisor. (Reading whether a future is done is one read of its state.)"""
+
+    def __init__(self, batch: list[Work], loop: asyncio.AbstractEventLoop):
+        self.batch, self.loop = batch, loop
+        self.stopped = False
+
+    def __call__(self, rows: dict[int, list[int]]) -> bool:
+        for row, ids in rows.items():
+            work = self.batch[row]
+            if work.progress is not None and not work.future.done():
+                self.loop.call_soon_threadsafe(work.progress.put_nowait, ids)
+        self.stopped = all(work.future.done() for work in self.batch)
+        return self.stopped

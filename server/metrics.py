@@ -1,9 +1,10 @@
 """Prometheus metrics for GET /metrics, in prometheus-client's text format, in a registry of the app's own.
 
 What the engine knows (queue length, requests in the running batch, the sizes of the batches it formed, requests
-answered / failed / dropped) is read from it when /metrics is scraped, by a collector, so the engine keeps no
-metrics code. What the HTTP side sees is recorded as it happens, through `answered` and `refused`: the latency of
-each answered chat request, its prompt and completion tokens, and every error response by reason (its code).
+answered / failed / dropped, batches stopped once their clients had gone) is read from it when /metrics is scraped,
+by a collector, so the engine keeps no metrics code. What the HTTP side sees is recorded as it happens, through
+`answered` and `refused`: the latency of each answered chat request (a streamed one when its stream ends), its
+prompt and completion tokens, and every error response by reason (its code).
 """
 from __future__ import annotations
 
@@ -70,3 +71,6 @@ class EngineCollector:
         for outcome in ("answered", "failed", "dropped"):
             outcomes.add_metric([outcome], getattr(stats, outcome) if stats else 0)
         yield outcomes
+        yield CounterMetricFamily("lynx_stopped_batches", "Batches stopped before their end because every one of "
+                                  "their requests had gone (clients left, timed out)",
+                                  value=stats.stopped if stats else 0)

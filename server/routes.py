@@ -82,13 +82,13 @@ async def chat_completions(request: Request):
     check_json(request)
     service = ready(request)
     asked = await service.ask(await run_in_threadpool(parse, await body_of(request), state(request)))
+    if asked.stream:
+        return StreamingResponse(await service.stream(asked, request, started), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache"})
     completion = await service.complete(asked, request)
     usage = completion.usage
     state(request).metrics.answered(time.monotonic() - started, usage.prompt_tokens, usage.completion_tokens)
-    if not asked.stream:
-        return JSONResponse(completion.model_dump())
-    return StreamingResponse(iter(service.chunks(completion, asked.include_usage)), media_type="text/event-stream",
-                             headers={"Cache-Control": "no-cache"})
+    return JSONResponse(completion.model_dump())
 
 
 async def body_of(request: Request) -> bytearray:

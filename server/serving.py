@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 import ctypes
 import dataclasses
-import json
 import os
 import time
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 from fastapi import Request
@@ -33,11 +33,11 @@ from dataset.batching import Item, Preparer
 from errors import InputError, RecordError
 from lynx.pipeline import Answer, OutOfMemory
 from server.engine import Engine, QueueFull, Work
-from server.errors import APIError
+from server.errors import APIError, error_response
 from server.media import load_media
-from server.protocol import (AssistantMessage, ChatCompletion, ChatCompletionChunk, ChatCompletionRequest, Choice,
-                             ChunkChoice, Delta, Usage)
+from server.protocol import AssistantMessage, ChatCompletion, ChatCompletionRequest, Choice, Usage, completion_id
 from server.security import Limits
+from server.streaming import Chunks, FinalText
 
 DISCONNECT_POLL_S = 0.1
 LARGE_MEDIA_BYTES = 2**20  # a request that held more media than this has the heap trimmed once they are freed
@@ -58,8 +58,11 @@ class Asked:
 
 
 class ChatService:
-    def __init__(self, pipeline, engine: Engine, limits: Limits, model_name: str):
+    def __init__(self, pipeline, engine: Engine, limits: Limits, model_name: str, metrics=None):
+        """`metrics`: server.metrics.Metrics, which a stream tells of its answer or error when it ends."""
         self.pipeline, self.engine, self.limits, self.model_name = pipeline, engine, limits, model_name
+        self.metrics = metrics
+        self.hidden = (str(limits.media_root),) if limits.media_root else ()  # cut from error messages
         self.visual_tokens = pipeline.cfg.num_bridge_tokens
         # The pipeline's rules with the server's pixel limit, also for what server/media.py cannot see (the frames
         # of a .json file in the media root).
@@ -123,31 +126,62 @@ class ChatService:
         held = read + sum(len(url) for url, _ in images + videos)
         return Asked(kind, item, settings, request.seed, bool(request.stream), include_usage, held)
 
-    async def answer(self, asked: Asked, http: Request) -> tuple[Answer, int]:
-        """(answer, prompt tokens) of a request made ready; waits for the engine, gives up on a client that left."""
+    def streams_tokens(self, settings) -> bool:
+        """Whether a streamed request gets its text as it is chosen (server.streaming): one beam, and no
+        lemmatizer rewriting the text at the end."""
+        return settings.num_beams == 1 and self.pipeline.lemmatizer is None
+
+    async def submit(self, asked: Asked, streamed: bool = False) -> tuple[Work, int]:
+        """(the queued request, its prompt tokens) of a request made ready; `streamed`: its ids so far come to its
+        queue at each check of the decoder, where `streams_tokens` says so."""
         item = asked.item
         if asked.media_bytes > LARGE_MEDIA_BYTES:
             await run_in_threadpool(give_back_memory)
+        progress = asyncio.Queue() if streamed and self.streams_tokens(asked.settings) else None
+        work = Work(item, asked.kind, asked.settings, asked.seed, self.shape(len(item.input_ids)), progress=progress)
         try:
-            future = self.engine.submit(Work(item, asked.kind, asked.settings, asked.seed,
-                                             self.shape(len(item.input_ids))))
+            self.engine.submit(work)
         except QueueFull:
             raise APIError(503, f"the server is busy: {self.limits.queue_size} requests are waiting or being "
                                 f"answered (--queue-size); try again shortly", code="queue_full",
                            headers={"Retry-After": "1"}) from None
-        return await self._wait(future, http), self.visual_tokens + len(item.input_ids)
+        return work, self.visual_tokens + len(item.input_ids)
 
-    async def _wait(self, future: asyncio.Future, http: Request) -> Answer:
+    async def answer(self, asked: Asked, http: Request) -> tuple[Answer, int]:
+        """(answer, prompt tokens) of a request made ready; waits for the engine, gives up on a client that left."""
+        work, prompt_tokens = await self.submit(asked)
         deadline = time.monotonic() + self.limits.request_timeout
-        while not future.done():
-            if await http.is_disconnected():
-                future.cancel()  # dropped by the engine unless its batch already started
+        return await self._next(work, deadline, http), prompt_tokens
+
+    async def _next(self, work: Work, deadline: float, http: Request | None = None) -> Answer | list[int]:
+        """The next news of a request: its ids so far (streamed; of several waiting, the latest) or its answer.
+        Gives up with 504 at the deadline, and with 499 on a client that left (`http`: before a stream begins;
+        after, the stream is cancelled when its client leaves)."""
+        future, progress = work.future, work.progress
+        while True:
+            if progress is not None and not progress.empty():
+                return latest(progress, progress.get_nowait())
+            if future.done():
+                return self._result(future)
+            if http is not None and await http.is_disconnected():
+                future.cancel()  # dropped by the engine unless its batch already started; else the batch may stop
                 raise APIError(499, "client closed the request", code="client_closed")
             if time.monotonic() > deadline:
                 future.cancel()
                 raise APIError(504, f"no answer within {self.limits.request_timeout:g} s (--request-timeout)",
                                code="timeout")
-            await asyncio.wait([future], timeout=DISCONNECT_POLL_S)
+            getter = None if progress is None else asyncio.ensure_future(progress.get())
+            try:
+                await asyncio.wait([future] + ([getter] if getter else []), timeout=DISCONNECT_POLL_S,
+                                   return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                if getter is not None and not getter.done():
+                    getter.cancel()
+            if getter is not None and getter.done() and not getter.cancelled():
+                return latest(progress, getter.result())
+
+    @staticmethod
+    def _result(future: asyncio.Future) -> Answer:
         try:
             return future.result()
         except OutOfMemory as err:
@@ -166,18 +200,54 @@ class ChatService:
         return ChatCompletion(model=self.model_name, usage=self.usage(prompt_tokens, answer), choices=[
             Choice(message=AssistantMessage(content=answer.text), finish_reason=answer.finish)])
 
-    def chunks(self, completion: ChatCompletion, include_usage: bool) -> list[str]:
-        """The server-sent events of a finished answer: the whole answer in one chunk, then the finish reason
-        (then the usage, when asked), then [DONE]."""
-        head = dict(id=completion.id, created=completion.created, model=completion.model)
-        choice = completion.choices[0]
-        events = [ChatCompletionChunk(**head, choices=[ChunkChoice(delta=Delta(role="assistant",
-                                                                               content=choice.message.content))]),
-                  ChatCompletionChunk(**head, choices=[ChunkChoice(delta=Delta(),
-                                                                   finish_reason=choice.finish_reason)])]
-        if include_usage:
-            events.append(ChatCompletionChunk(**head, choices=[], usage=completion.usage))
-        return [f"data: {json.dumps(e.model_dump(exclude_none=True))}\n\n" for e in events] + ["data: [DONE]\n\n"]
+    async def stream(self, asked: Asked, http: Request, started: float) -> AsyncIterator[str]:
+        """The server-sent events of a streamed request (server.streaming). The request is prepared and queued and
+        its first news awaited here, so that one refused before its first text gets its error status; the events
+        follow from the returned iterator. A client that leaves cancels its request (the engine drops it, or stops
+        its batch once every request of it has gone). `started`: when the request arrived (for the metrics)."""
+        work, prompt_tokens = await self.submit(asked, streamed=True)
+        deadline = time.monotonic() + self.limits.request_timeout
+        news = await self._next(work, deadline, http)
+        return self._events(work, news, deadline, prompt_tokens, asked.include_usage, started)
+
+    async def _events(self, work: Work, news, deadline: float, prompt_tokens: int, include_usage: bool,
+                      started: float) -> AsyncIterator[str]:
+        chunks = Chunks(completion_id(), int(time.time()), self.model_name)
+        text = FinalText(self.pipeline.tokenizer.decode)
+        try:
+            while not isinstance(news, Answer):
+                delta = text.more(news)
+                if delta or not chunks.started:
+                    yield chunks.text(delta)
+                news = await self._next(work, deadline)
+            rest = text.rest(news.text)
+            if rest is None:
+                raise APIError(500, "the answer was decoded again after a failure and no longer begins with the "
+                                    "text streamed; ask again", code="stream_diverged")
+            if rest or not chunks.started:
+                yield chunks.text(rest)
+            yield chunks.finish(news.finish)
+            usage = self.usage(prompt_tokens, news)
+            if include_usage:
+                yield chunks.usage(usage)
+            if self.metrics is not None:
+                self.metrics.answered(time.monotonic() - started, usage.prompt_tokens, usage.completion_tokens)
+        except APIError as err:  # the status went out with the first chunk: the error is an event of the stream
+            yield chunks.error(error_response(err, self.metrics, self.hidden).body)
+        except asyncio.CancelledError:  # the client left (counted as a request that is not streamed is: 499)
+            if self.metrics is not None:
+                self.metrics.refused("client_closed")
+            raise
+        finally:
+            work.future.cancel()  # a client gone: its request goes too (nothing once it has its answer)
+        yield Chunks.DONE
+
+
+def latest(progress: asyncio.Queue, ids: list[int]) -> list[int]:
+    """`ids`, or the latest ids waiting after them: each holds the ones before."""
+    while not progress.empty():
+        ids = progress.get_nowait()
+    return ids
 
 
 def conversation(request: ChatCompletionRequest) -> tuple[str, list, list]:
@@ -200,7 +270,6 @@ def conversation(request: ChatCompletionRequest) -> tuple[str, list, list]:
         if images or videos:
             return question, images, videos
     return question, [], []
-
 
 def give_back_memory() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim). A large request's body, base64 text and

@@ -392,3 +392,24 @@ def test_the_pipeline_works_on_its_device(tiny, monkeypatch):
     for device in ("cuda:1", "cuda", "cpu"):
         assert Processes().join(device) == device
     assert selected == ["cuda:1"]
+
+
+# ---- the decoder's watch between replayed steps
+
+
+def test_a_watch_between_replayed_steps_sees_the_real_rows_and_stops_the_replays(tiny):
+    """With graphs and rows padded to batch_size 4, the watch sees the 3 real rows' ids so far every 8 steps, as
+    eager decoding chose them; asking to stop at the second check ends the replays there."""
+    settings = tiny.settings.replace(num_beams=1, use_nucleus_sampling=False, max_new_tokens=24, min_length=24)
+    embeds, mask = tiny.fused([0, 1, 2])
+    expected = eager_answers(tiny, [0, 1, 2], settings)
+    fake = FakeCuda()
+    graphs = graph_decoder(tiny, fake, batch_size=4)
+    seen = []
+    assert torch.equal(graphs.generate(embeds, mask, settings, watch=lambda ids: seen.append(ids.clone()) and False),
+                       expected)
+    assert [ids.shape for ids in seen] == [(3, 8), (3, 16)]
+    assert all(torch.equal(ids, expected[:, :ids.shape[1]]) for ids in seen)
+    replays = fake.replays
+    stopped = graphs.generate(embeds, mask, settings, watch=lambda ids: ids.shape[1] == 16)
+    assert torch.equal(stopped, expected[:, :16]) and fake.replays - replays == 16

@@ -430,7 +430,7 @@ class FakePipeline(LynxPipeline):
     def generator(self, seed):
         return torch.Generator().manual_seed(seed)
 
-    def decode_batch(self, batch, visual, settings, generator=None, rows=None):
+    def decode_batch(self, batch, visual, settings, generator=None, rows=None, watch=None, lengths=None):
         self.seen.append(batch)
         self.rows.append(rows)
         self.draws.append(None if generator is None else torch.rand(2, generator=generator).tolist())

@@ -1,10 +1,14 @@
 """The server's decoding as clients set it, on the tiny fixture against the original's own ids: `max_tokens` bounds
 the answer's ids and `finish_reason` says why it stopped (`length` at the limit, `stop` at EOS), the usage counts
 those ids; a request that sets no decoding field gets the config's own (beam sampling, drawn as generate.py draws
-it); `top_p: 0` as lmms-eval sends it; and the bounds of what one request may cost, each refused by name."""
+it); `top_p: 0` as lmms-eval sends it; the bounds of what one request may cost, each refused by name; streamed
+answers (text as it is chosen, beams at the end) and a client that leaves mid-stream."""
 from __future__ import annotations
 
+import json
+import re
 import signal
+import socket
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -165,3 +169,67 @@ def test_without_decoding_fields_a_request_decodes_as_the_config_says(tmp_path_f
         assert status == 400 and "over the server's limit of 5 (--num-beams-limit)" in reply["error"]["message"]
     finally:
         assert server.stop() == -signal.SIGTERM, server.log()[-3000:]
+
+
+def stream_events(server: Server, body: dict) -> list[dict]:
+    """The server-sent events of a streamed request, parsed, up to `[DONE]` (which must end the stream)."""
+    status, _, text = server.request("POST", "/v1/chat/completions", {**body, "stream": True})
+    assert status == 200, text
+    events = [line[len("data: "):] for line in text.split("\n\n") if line]
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]
+
+
+def test_a_long_greedy_answer_streams_in_chunks_that_make_the_whole_answer(greedy):
+    """200 tokens (EOS banned: min_length) streamed: text at every check of the decoder (8 tokens), the chunks put
+    together are the answer sent whole, then the finish reason, then the usage in a last chunk without choices."""
+    ask = dict(messages=messages_of(records("image")[1]), max_tokens=200, min_length=200)
+    status, _, whole = greedy.chat(**ask)
+    assert status == 200 and whole["usage"]["completion_tokens"] == 200
+    before = greedy.metrics()
+    events = stream_events(greedy, {**ask, "stream_options": {"include_usage": True}})
+    after = greedy.metrics()
+    for name, grown in (("lynx_request_duration_seconds_count", 1), ("lynx_completion_tokens_sum", 200)):
+        assert after[(name, ())] - before[(name, ())] == grown, name  # a streamed answer counts when it ends
+    texts = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
+    assert events[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert len([t for t in texts if t]) > 5, texts
+    assert "".join(t for t in texts if t) == answer_of(whole)
+    assert [e["choices"][0].get("finish_reason") for e in events if e["choices"]][-1] == "length"
+    assert events[-1]["choices"] == [] and events[-1]["usage"] == whole["usage"]
+    assert len({e["id"] for e in events}) == 1
+
+
+def test_beam_search_streams_its_answer_at_the_end(greedy):
+    ask = dict(messages=messages_of(records("image")[1]), max_tokens=12, temperature=0, num_beams=3)
+    events = stream_events(greedy, ask)
+    texts = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
+    assert texts == [answer_of(greedy.chat(**ask)[2]), None]
+    assert "usage" not in events[-1]
+
+
+def test_a_client_that_leaves_mid_stream_stops_its_batch(greedy):
+    """A streamed request of 1024 tokens whose client closes the connection after its first text: its batch stops
+    (the engine's `stopped_batches`), the request is not answered but counted as closed by its client; the server
+    answers the next one."""
+    before, counted = greedy.request("GET", "/health")[2], greedy.metrics()
+    body = json.dumps(dict(messages=messages_of(records("image")[1]), max_tokens=1024, min_length=1024,
+                           stream=True)).encode()
+    with socket.create_connection(("127.0.0.1", greedy.port), timeout=60) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: %d\r\n\r\n" % len(body) + body)
+        received = b""
+        while not re.search(rb'"content": "[^"]', received):
+            chunk = sock.recv(65536)
+            assert chunk, received
+            received += chunk
+    deadline = time.monotonic() + 60
+    while (health := greedy.request("GET", "/health")[2])["stopped_batches"] == before["stopped_batches"]:
+        assert time.monotonic() < deadline, health
+        time.sleep(0.05)
+    assert health["answered"] == before["answered"] and health["running"] == 0
+    metrics, closed = greedy.metrics(), ("lynx_refused_requests_total", (("reason", "client_closed"),))
+    assert metrics[("lynx_stopped_batches_total", ())] == health["stopped_batches"]
+    assert metrics[closed] - counted.get(closed, 0) == 1
+    status, _, reply = greedy.chat(messages=messages_of(records("image")[1]), max_tokens=3)
+    assert status == 200 and reply["usage"]["completion_tokens"] == 3

@@ -29,7 +29,7 @@ class FakePipeline:
         self.seeds: list[int | None] = []
         self.oom, self.bad = set(oom), bad
 
-    def answer_items(self, items, settings=None, seed=None):
+    def answer_items(self, items, settings=None, seed=None, watch=None, lengths=None):
         questions = [item.split(":")[1] for item in items]
         self.calls.append(questions)
         self.seeds.append(seed)
@@ -130,7 +130,7 @@ def test_stopping_lets_the_batch_that_runs_finish():
     running, finish = threading.Event(), threading.Event()
 
     class SlowPipeline(FakePipeline):
-        def answer_items(self, items, settings=None, seed=None):
+        def answer_items(self, items, settings=None, seed=None, **watching):
             running.set()
             finish.wait(10)
             return super().answer_items(items, settings, seed)
@@ -164,7 +164,7 @@ class CrashingPipeline(FakePipeline):
     tokenizer = None
     prepare = SimpleNamespace(media=MediaOptions(transform=None))
 
-    def answer_items(self, items, settings=None, seed=None):
+    def answer_items(self, items, settings=None, seed=None, **watching):
         if any(item.endswith(":crash") for item in items):
             raise Crash("a bug in the worker")
         return super().answer_items(items, settings, seed)

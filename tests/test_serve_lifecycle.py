@@ -80,7 +80,7 @@ def test_a_full_queue_answers_503_with_retry_after(started):
 def test_a_request_over_the_timeout_gets_504(started):
     srv, _ = started
     # Three decoding settings: three batches, each waiting out its window; the third waits past the timeout.
-    asks = [ask(), ask(max_tokens=5), ask(max_tokens=6)]
+    asks = [ask(), ask(repetition_penalty=1.1), ask(repetition_penalty=1.2)]
     with ThreadPoolExecutor(3) as pool:
         futures = []
         for body in asks:
