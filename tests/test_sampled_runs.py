@@ -122,6 +122,13 @@ class StandInNLP:
         return tokens
 
 
+class OneRowBatch(SimpleNamespace):
+    """A collated batch's fields, of one row."""
+
+    def __len__(self) -> int:
+        return 1
+
+
 def test_the_lemmatizer_sees_the_decoded_text_before_the_strip(pipeline, monkeypatch):
     """The original lemmatized the decoded text, then stripped the answer: a decoded ' two  cats ' (the text of
     pieces ending in a space) reaches the lemmatizer with its spaces and comes back stripped."""
@@ -132,8 +139,8 @@ def test_the_lemmatizer_sees_the_decoded_text_before_the_strip(pipeline, monkeyp
     monkeypatch.setattr(pipeline.decoder, "generate", lambda *a, **k: torch.tensor([ids]))
     nlp = StandInNLP()
     monkeypatch.setattr(pipeline, "lemmatizer", nlp)
-    batch = SimpleNamespace(pixel_values=torch.zeros(1, 3, 84, 84), input_ids=torch.tensor([[1, 2]]),
-                            attention_mask=torch.ones(1, 2, dtype=torch.long))
+    batch = OneRowBatch(pixel_values=torch.zeros(1, 3, 84, 84), input_ids=torch.tensor([[1, 2]]),
+                        attention_mask=torch.ones(1, 2, dtype=torch.long))
     answers = pipeline.answer_batch(batch)
     assert nlp.texts[0] == decoded  # what the pipeline handed the lemmatizer
     assert [answer.text for answer in answers] == [" ".join(t.lemma_ for t in nlp(decoded)).strip()]
