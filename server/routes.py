@@ -14,6 +14,7 @@ from server.errors import APIError, validation_message
 from server.metrics import CONTENT_TYPE
 from server.protocol import ChatCompletionRequest, ModelCard, ModelList, unsupported_field
 from server.security import check_json, check_key
+from server.serving import Asked
 
 PAGE = Path(__file__).resolve().parent / "static" / "index.html"
 
@@ -81,7 +82,7 @@ async def chat_completions(request: Request):
     started = time.monotonic()
     check_json(request)
     service = ready(request)
-    asked = await service.ask(await run_in_threadpool(parse, await body_of(request), state(request)))
+    asked = await run_in_threadpool(made_ready, await body_of(request), state(request), service)
     if asked.stream:
         return StreamingResponse(await service.stream(asked, request, started), media_type="text/event-stream",
                                  headers={"Cache-Control": "no-cache"})
@@ -97,6 +98,13 @@ async def body_of(request: Request) -> bytearray:
     async for chunk in request.stream():
         body += chunk
     return body
+
+
+def made_ready(body: bytearray, lynx, service) -> Asked:
+    """A body parsed, checked and prepared (`ChatService.ask`) in one trip to a worker thread: each trip waits for
+    the interpreter's lock while the model's thread holds it, which a second trip per request would add to every
+    request's latency (about 15 % of the throughput of 8 clients on the tiny model)."""
+    return service.ask(parse(body, lynx))
 
 
 def parse(body: bytearray, lynx) -> ChatCompletionRequest:

@@ -116,12 +116,12 @@ class ChatService:
         finally:
             media.close()
 
-    async def ask(self, request: ChatCompletionRequest) -> Asked:
-        """A checked request made ready (the decoding settings, the prompt and media prepared on a worker thread);
+    def ask(self, request: ChatCompletionRequest) -> Asked:
+        """A checked request made ready, on a worker thread: the decoding settings, the prompt and media prepared;
         the request, its base64 text and its decoded media are let go on return."""
         question, images, videos = conversation(request)
         settings = self.settings(request)
-        kind, item, read = await run_in_threadpool(self.prepare, question, images, videos)
+        kind, item, read = self.prepare(question, images, videos)
         include_usage = bool(request.stream_options and request.stream_options.include_usage)
         held = read + sum(len(url) for url, _ in images + videos)
         return Asked(kind, item, settings, request.seed, bool(request.stream), include_usage, held)
