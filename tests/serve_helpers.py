@@ -245,3 +245,12 @@ class MediaWeb:
         self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+def stream_events(server: Server, body: dict) -> list[dict]:
+    """The server-sent events of a streamed request, parsed, up to `[DONE]` (which must end the stream)."""
+    status, _, text = server.request("POST", "/v1/chat/completions", {**body, "stream": True})
+    assert status == 200, text
+    events = [line[len("data: "):] for line in text.split("\n\n") if line]
+    assert events[-1] == "[DONE]", events[-3:]
+    return [json.loads(e) for e in events[:-1]]

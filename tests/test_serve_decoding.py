@@ -17,7 +17,7 @@ import torch
 
 from conftest import FIXTURE, fixture_config, read_jsonl, run_generate
 from models.tokenizer import LynxTokenizer
-from serve_helpers import Server, answer_of, messages_of
+from serve_helpers import Server, answer_of, messages_of, stream_events
 
 EOS = 2
 TOKENIZER = LynxTokenizer(str(FIXTURE / "data" / "vicuna-7b" / "tokenizer.model"))
@@ -169,15 +169,6 @@ def test_without_decoding_fields_a_request_decodes_as_the_config_says(tmp_path_f
         assert status == 400 and "over the server's limit of 5 (--num-beams-limit)" in reply["error"]["message"]
     finally:
         assert server.stop() == -signal.SIGTERM, server.log()[-3000:]
-
-
-def stream_events(server: Server, body: dict) -> list[dict]:
-    """The server-sent events of a streamed request, parsed, up to `[DONE]` (which must end the stream)."""
-    status, _, text = server.request("POST", "/v1/chat/completions", {**body, "stream": True})
-    assert status == 200, text
-    events = [line[len("data: "):] for line in text.split("\n\n") if line]
-    assert events[-1] == "[DONE]", events[-3:]
-    return [json.loads(e) for e in events[:-1]]
 
 
 def test_a_long_greedy_answer_streams_in_chunks_that_make_the_whole_answer(greedy):

@@ -23,7 +23,8 @@ import pytest
 
 from conftest import read_jsonl, run_generate
 from random_fixture import config, write_random_fixture
-from serve_helpers import MediaWeb, Server, answer_of, data_url, image_message, video_message
+from serve_helpers import (MediaWeb, Server, answer_of, data_url, image_message, stream_events,
+                           video_message)
 
 FETCH_WORKERS = 8  # serve.py's default --url-fetch-workers
 FRAMES = 64  # image_url frames of the big request: --max-images is raised to take them
@@ -149,8 +150,8 @@ def answers_still_generates(root, asked, srv) -> None:
 def test_a_request_cannot_hurt_the_server(other):
     """Refused quickly, by name: a huge num_beams, a 5 MB question (while /health answers within 1.5 s), deeply
     nested JSON, a lone surrogate, a text/plain body, a foreign Host. Answered as OpenAI's clients mean them:
-    top_p 0 and n null (the config's greedy answer); max_tokens bounds the usage; /metrics is served. Then the
-    answers are still generate.py's."""
+    top_p 0 and n null (the config's greedy answer); max_tokens bounds the usage; a long one-beam answer streams in
+    several chunks that make the whole answer; /metrics is served. Then the answers are still generate.py's."""
     root, asked, srv = other
     record, want = asked[0]
     ok = messages_of(root, record)
@@ -197,6 +198,13 @@ def test_a_request_cannot_hurt_the_server(other):
     for max_tokens in (1, 2, 5):
         status, _, body = srv.chat(messages=ok, max_tokens=max_tokens, min_length=max_tokens + 1)
         assert status == 200 and body["usage"]["completion_tokens"] <= max_tokens, body
+    long = dict(messages=ok, max_tokens=48, min_length=48, num_beams=1, temperature=0)
+    status, _, whole = srv.chat(**long)
+    assert status == 200 and whole["usage"]["completion_tokens"] == 48, whole
+    events = stream_events(srv, {**long, "stream_options": {"include_usage": True}})
+    texts = [e["choices"][0]["delta"].get("content") for e in events if e["choices"]]
+    assert len([t for t in texts if t]) > 2 and "".join(t for t in texts if t) == answer_of(whole), texts
+    assert events[-1]["usage"] == whole["usage"]
     status, head, page = srv.request("GET", "/metrics")
     assert status == 200 and "lynx_ready 1.0" in page
     answers_still_generates(root, asked, srv)
