@@ -116,6 +116,35 @@ def test_a_request_is_prepared_once_and_counted_from_its_ids(app_client, monkeyp
     assert reply["choices"][0]["finish_reason"] == "stop"
 
 
+def test_the_body_is_parsed_checked_and_tokenized_off_the_event_loop(app_client, monkeypatch):
+    """A large body would freeze every other request (and /health) while the event loop parsed or tokenized it:
+    parsing, validating, checking and tokenizing run on a worker thread, where no event loop runs."""
+    import asyncio
+
+    import server.routes
+    from models.tokenizer import LynxTokenizer
+
+    on_loop = {}
+
+    def noting(name, function):
+        def wrapped(*args, **kwargs):
+            try:
+                asyncio.get_running_loop()
+                on_loop[name] = True
+            except RuntimeError:
+                on_loop.setdefault(name, False)
+            return function(*args, **kwargs)
+        return wrapped
+
+    monkeypatch.setattr(server.routes, "parse", noting("parse", server.routes.parse))
+    monkeypatch.setattr(LynxTokenizer, "encode", noting("encode", LynxTokenizer.encode))
+    record = read_jsonl(FIXTURE / "data" / "Open_VQA_images_tiny.jsonl")[0]
+    reply = app_client.post("/v1/chat/completions", json={"messages": [{"role": "user", "content": [
+        {"type": "text", "text": record["question"]}, image_part((FIXTURE / record["image"]).read_bytes())]}]})
+    assert reply.status_code == 200, reply.text
+    assert on_loop == {"parse": False, "encode": False}
+
+
 def test_frames_are_sampled_before_any_is_checked_or_decoded(app_client, monkeypatch):
     frames = json.loads(json.dumps(read_jsonl(FIXTURE / "data" / "Open_VQA_videos_tiny.jsonl")[4]["video"]))
     seven = [base64.b64decode(f) for f in frames + frames[:2]]  # 7 frames: Lynx uses 5 of them
