@@ -1,7 +1,7 @@
 """Answer every record of the config's test files with Lynx and write `{"index", "text_output"}` lines.
 
     python generate.py --config configs/LYNX.yaml --output_path ./result_0.jsonl --device cuda --seed 42
-    python generate.py --config configs/LYNX.yaml --image images/cat.jpg --question "What is in it?"   one answer
+    python generate.py --config configs/LYNX.yaml --image tests/fixtures/tiny/images/img_a.jpg --question "What is it?"
     torchrun --nproc_per_node 8 generate.py ...     one process per GPU; rank 0 writes the file (lynx/processes.py)
 
 Exit status: 0 all answered; 1 the run could not start or go on; 2 some records could not be answered (listed in

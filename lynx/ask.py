@@ -1,6 +1,7 @@
 """One question about one image or video from the command line, its answer printed:
 
-    python generate.py --config configs/LYNX.yaml --image images/cat.jpg --question "What is in the image?"
+    python generate.py --config configs/LYNX.yaml --image tests/fixtures/tiny/images/img_a.jpg \
+        --question "What is in the image?"
 
 The question is a record of its own (index 0) and goes where a test file's record goes: the config's prompt, the
 dataset's media reading, the pipeline's decoding with the seed of a run's first batch. So it gets the answer that a

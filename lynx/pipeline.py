@@ -2,7 +2,7 @@
 
     from lynx import LynxPipeline
     lynx = LynxPipeline.from_config("configs/LYNX.yaml", device="cuda")
-    lynx.answer([("images/cat.jpg", "What is in the image?")])
+    lynx.answer([("tests/fixtures/tiny/images/img_a.jpg", "What is in the image?")])
 """
 from __future__ import annotations
 

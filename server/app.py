@@ -121,8 +121,7 @@ def create_app(load: Callable[[], object], limits: Limits, model_name: str, batc
     app = FastAPI(title="Lynx", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
     app.state.lynx = lynx
     lynx.metrics = Metrics(lynx)
-    hidden = (str(limits.media_root),) if limits.media_root else ()
-    install_error_handlers(app, lynx.metrics, hidden)
+    install_error_handlers(app, lynx.metrics, limits.hidden_folders)
     app.include_router(router)
     # Added innermost first: a request meets the Host check, then CORS, then the body limit.
     app.add_middleware(BodyLimit, max_bytes=limits.max_body_bytes, metrics=lynx.metrics)

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import functools
 import logging
 import time
 from collections import Counter, deque
@@ -60,8 +61,9 @@ class Work:
     def alone(self) -> bool:
         return self.seed is not None and self.settings.use_nucleus_sampling
 
-    @property
+    @functools.cached_property
     def key(self):
+        """What requests share a batch by (made once: the queue compares it at every arrival)."""
         settings = self.settings
         if settings.num_beams == 1:  # the length limit changes no answer: one batch decodes to the largest
             settings = dataclasses.replace(settings, max_new_tokens=0)

@@ -140,15 +140,16 @@ def check(chat: ChatCompletionRequest, lynx) -> None:
         raise APIError(400, f"'{name}' is not supported by Lynx; leave it out", name)
     limits = lynx.limits
     for i, message in enumerate(chat.messages):
+        parts = message.parts()
         size = 0  # the UTF-8 bytes of the message's text: the last message's is the question
-        for j, part in enumerate(message.parts()):
+        for j, part in enumerate(parts):
             if part.type == "text":
                 where = f"messages.{i}.content" + (f".{j}.text" if isinstance(message.content, list) else "")
                 size += utf8_size(part.text, where)
         if i == len(chat.messages) - 1 and size > limits.max_question_bytes:
             raise APIError(400, f"the question is {size} bytes (UTF-8), over the server's limit of "
                                 f"{limits.max_question_bytes} (--max-question-bytes)", f"messages.{i}.content")
-        media = sum(1 for p in message.parts() if p.type in ("image_url", "video_url"))
+        media = sum(1 for p in parts if p.type in ("image_url", "video_url"))
         if media > limits.max_images:
             raise APIError(400, f"{media} images in one message, over the server's limit of {limits.max_images} "
                                 f"(--max-images)", f"messages.{i}.content")

@@ -45,6 +45,11 @@ class Limits:
     allowed_hosts: frozenset[str] | None = None  # Host names answered (lower case, no port); None: any
     cors_origins: tuple[str, ...] = ()
 
+    @property
+    def hidden_folders(self) -> tuple[str, ...]:
+        """The server's own folders that error messages must not show (server.errors): the media root."""
+        return (str(self.media_root),) if self.media_root else ()
+
 
 def check_key(request: Request, limits: Limits) -> None:
     """401 unless the request carries `Authorization: Bearer <--api-key>` (when the server has a key)."""

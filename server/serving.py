@@ -62,7 +62,6 @@ class ChatService:
         """`metrics`: server.metrics.Metrics, which a stream tells of its answer or error when it ends."""
         self.pipeline, self.engine, self.limits, self.model_name = pipeline, engine, limits, model_name
         self.metrics = metrics
-        self.hidden = (str(limits.media_root),) if limits.media_root else ()  # cut from error messages
         self.visual_tokens = pipeline.cfg.num_bridge_tokens
         # The pipeline's rules with the server's pixel limit, also for what server/media.py cannot see (the frames
         # of a .json file in the media root).
@@ -233,7 +232,7 @@ class ChatService:
             if self.metrics is not None:
                 self.metrics.answered(time.monotonic() - started, usage.prompt_tokens, usage.completion_tokens)
         except APIError as err:  # the status went out with the first chunk: the error is an event of the stream
-            yield chunks.error(error_response(err, self.metrics, self.hidden).body)
+            yield chunks.error(error_response(err, self.metrics, self.limits.hidden_folders).body)
         except asyncio.CancelledError:  # the client left (counted as a request that is not streamed is: 499)
             if self.metrics is not None:
                 self.metrics.refused("client_closed")
@@ -270,6 +269,7 @@ def conversation(request: ChatCompletionRequest) -> tuple[str, list, list]:
         if images or videos:
             return question, images, videos
     return question, [], []
+
 
 def give_back_memory() -> None:
     """Give the heap's free pages back to the system (glibc's malloc_trim). A large request's body, base64 text and
